@@ -1,0 +1,59 @@
+"""BASIC's flags, added to LLaVA's ``train()`` by the plugin host."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+VOCAB_CHOICES = ("embed", "lm_head")
+WEIGHT_CHOICES = ("raw", "sum1", "uniform")
+KL_CHOICES = ("forward", "reverse")
+
+
+@dataclass
+class BasicArguments:
+    basic: bool = field(default=False, metadata={"help": "Enable BASIC's visual supervision of the projector."})
+    basic_depth: Optional[int] = field(default=None, metadata={
+        "help": "Supervision depth k: target = l^2-weighted mean of layers 1..k (default: half the LLM's layers)."})
+    basic_lambda_das: float = field(default=1.0, metadata={"help": "Weight of the direction loss L_das."})
+    basic_lambda_sds: float = field(default=0.01, metadata={"help": "Weight of the distribution loss L_sds."})
+    basic_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of L_sds."})
+    basic_vocab: str = field(default="embed", metadata={
+        "help": "Vocabulary matrix E of L_sds: input embeddings (paper's analysis) or lm_head.",
+        "choices": list(VOCAB_CHOICES)})
+    basic_detach_vocab: bool = field(default=False, metadata={
+        "help": "Never send L_sds gradient into E (it does by default when E is trainable)."})
+    basic_patch_weights: str = field(default="raw", metadata={
+        "help": "Per-patch weights a_i: raw text->image attention (paper), normalised to sum 1, or uniform.",
+        "choices": list(WEIGHT_CHOICES)})
+    basic_kl: str = field(default="forward", metadata={
+        "help": "KL direction of L_sds: forward KL(P||Q) (default) or reverse KL(Q||P).",
+        "choices": list(KL_CHOICES)})
+    basic_sds_chunk_size: int = field(default=64, metadata={
+        "help": "Image-token rows per chunk of the full-vocabulary KL (memory: chunk x vocab fp32)."})
+    basic_query_chunk: int = field(default=256, metadata={
+        "help": "Text query rows per chunk when recomputing patch weights."})
+    basic_pretrain: bool = field(default=True, metadata={
+        "help": "Apply BASIC in projector pretraining (--tune_mm_mlp_adapter True)."})
+    basic_finetune: bool = field(default=True, metadata={
+        "help": "Apply BASIC in instruction tuning (projector + LLM trainable)."})
+
+
+def validate_basic_arguments(args) -> None:
+    """Refuse invalid BASIC settings with a message that names the flag."""
+    def bad(flag, value, allowed):
+        raise ValueError(f"--{flag} {value!r} is invalid; allowed: {allowed}")
+
+    if args.basic_depth is not None and args.basic_depth < 1:
+        bad("basic_depth", args.basic_depth, "an integer >= 1 and <= the LLM's layer count")
+    for flag in ("basic_lambda_das", "basic_lambda_sds"):
+        if getattr(args, flag) < 0:
+            bad(flag, getattr(args, flag), "a number >= 0")
+    if not args.basic_temperature > 0:
+        bad("basic_temperature", args.basic_temperature, "a number > 0")
+    for flag, choices in (("basic_vocab", VOCAB_CHOICES), ("basic_patch_weights", WEIGHT_CHOICES),
+                          ("basic_kl", KL_CHOICES)):
+        if getattr(args, flag) not in choices:
+            bad(flag, getattr(args, flag), "|".join(choices))
+    for flag in ("basic_sds_chunk_size", "basic_query_chunk"):
+        if getattr(args, flag) < 1:
+            bad(flag, getattr(args, flag), "an integer >= 1")

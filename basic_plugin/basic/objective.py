@@ -1,0 +1,99 @@
+"""BASIC's loss terms for one training batch, from the single forward's hidden states."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from basic_plugin.losses import direction_loss, distribution_loss, refined_target
+from basic_plugin.patch_weights import image_attention_mass
+
+
+@dataclass
+class BasicSettings:
+    """BASIC's resolved settings for one model (depth known, stage decided)."""
+
+    depth: int
+    lambda_das: float = 1.0
+    lambda_sds: float = 0.01
+    temperature: float = 1.0
+    vocab: str = "embed"
+    detach_vocab: bool = False
+    patch_weights: str = "raw"
+    kl: str = "forward"
+    sds_chunk_size: int | None = 64
+    query_chunk: int = 256
+
+
+def decoder_layers(model):
+    """The LLM's decoder layers (LLaVA keeps them at ``model.get_model().layers``)."""
+    return model.get_model().layers
+
+
+def vocabulary_matrix(model, settings: BasicSettings) -> torch.Tensor:
+    """E for L_sds, without ever reading a ZeRO-3 shard.
+
+    Under ZeRO-3 the input embeddings are used through their module (a lookup of
+    every id), so the gather happens in the module hook and the gradient flows
+    back through the embedding as usual; ``lm_head`` is gathered and detached.
+    """
+    module = model.get_input_embeddings() if settings.vocab == "embed" else model.get_output_embeddings()
+    weight = module.weight
+    trainable = weight.requires_grad and not settings.detach_vocab
+    if not hasattr(weight, "ds_id"):  # not partitioned
+        return weight if trainable else weight.detach()
+    if settings.vocab == "embed":
+        ids = torch.arange(weight.ds_shape[0], device=weight.device)
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            matrix = module(ids)
+        return matrix if trainable else matrix.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([weight], modifier_rank=None):
+        return weight.detach().clone()
+
+
+def patch_weights(model, settings, hidden_states, batch, positions) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a_i per image row as used, raw attention mass per row), both detached."""
+    rows = positions.batch_index
+    count = torch.zeros(positions.has_image.numel(), device=rows.device).index_add_(
+        0, rows, torch.ones_like(rows, dtype=torch.float32))
+    if settings.patch_weights == "uniform":
+        weights = 1.0 / count[rows]
+        return weights, weights
+    raw = image_attention_mass(
+        decoder_layers(model), hidden_states, batch.embeds_attention_mask, rows, positions.seq_index,
+        positions.block_end, depth=settings.depth, position_ids=batch.position_ids,
+        query_chunk=settings.query_chunk).to(rows.device)
+    if settings.patch_weights == "raw":
+        return raw, raw
+    total = torch.zeros_like(count).index_add_(0, rows, raw)
+    return raw / total[rows].clamp_min(1e-12), raw
+
+
+def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
+    """(loss terms added to the LM loss, detached metrics) for one batch.
+
+    Batch value = mean over samples that contain an image; a batch without
+    images still runs every module call and returns zeros tied to the graph.
+    """
+    hidden_states = outputs.hidden_states
+    rows, seq = positions.batch_index, positions.seq_index
+    student = hidden_states[0][rows, seq]
+    target = refined_target([hidden_states[layer][rows, seq] for layer in range(1, settings.depth + 1)])
+    weights, raw = patch_weights(model, settings, hidden_states, batch, positions)
+    samples = positions.has_image.sum().clamp_min(1).to(torch.float32)
+    per_batch = (weights / samples).detach()
+    das = direction_loss(student, target, per_batch)
+    vocab = vocabulary_matrix(model, settings)
+    sds = distribution_loss(student, target, vocab, per_batch, temperature=settings.temperature,
+                            reverse=settings.kl == "reverse", chunk_size=settings.sds_chunk_size)
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(student.float(), target.float(), dim=-1)
+        metrics = {
+            "basic_cos": cos.mean() if cos.numel() else cos.new_zeros(()),
+            "basic_weight_mass": raw.sum() / samples,
+            "basic_image_samples": samples if positions.num_rows else samples.new_zeros(()),
+        }
+    losses = {"basic_das": settings.lambda_das * das, "basic_sds": settings.lambda_sds * sds}
+    return losses, metrics

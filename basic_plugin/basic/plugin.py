@@ -1,0 +1,88 @@
+"""BASIC's hook implementations (registered through the ``llava`` entry point ``basic``)."""
+from __future__ import annotations
+
+from basic_plugin import hookimpl
+from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
+from basic_plugin.basic.objective import BasicSettings, basic_terms
+from basic_plugin.trainer import find_plugin_model
+
+SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
+
+
+@hookimpl
+def llava_plugin_arguments():
+    return [BasicArguments]
+
+
+@hookimpl
+def llava_validate_arguments(training_args):
+    validate_basic_arguments(training_args)
+
+
+def settings_for(model, training_args) -> BasicSettings | None:
+    """BASIC's settings for this run, or None when BASIC is off for this stage."""
+    if not getattr(training_args, "basic", False):
+        return None
+    pretraining = bool(getattr(training_args, "tune_mm_mlp_adapter", False))
+    if (pretraining and not training_args.basic_pretrain) or (not pretraining and not training_args.basic_finetune):
+        return None
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"--basic supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
+                         f"this model is {model_type!r}")
+    layers = model.config.num_hidden_layers
+    depth = training_args.basic_depth or layers // 2
+    if not 1 <= depth <= layers:
+        raise ValueError(f"--basic_depth {depth} is out of range; allowed: 1..{layers} for this LLM")
+    return BasicSettings(
+        depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,
+        temperature=training_args.basic_temperature, vocab=training_args.basic_vocab,
+        detach_vocab=training_args.basic_detach_vocab, patch_weights=training_args.basic_patch_weights,
+        kl=training_args.basic_kl, sds_chunk_size=training_args.basic_sds_chunk_size,
+        query_chunk=training_args.basic_query_chunk,
+    )
+
+
+@hookimpl
+def llava_model_ready(model, tokenizer, training_args, data_args):
+    host = find_plugin_model(model)
+    settings = settings_for(host if host is not None else model, training_args)
+    if settings is not None and host is None:
+        raise RuntimeError("--basic needs the basic-llava plugin host (python -m basic_plugin.train, "
+                           "or LLaVA with patches/ applied)")
+    if host is not None:
+        host.basic_settings = settings
+        host.basic_metric_sums, host.basic_metric_count = {}, 0
+
+
+def _settings(model):
+    return getattr(model, "basic_settings", None)
+
+
+@hookimpl
+def llava_wants_hidden_states(model):
+    return _settings(model) is not None
+
+
+@hookimpl
+def llava_auxiliary_losses(model, batch, outputs, image_positions):
+    settings = _settings(model)
+    if settings is None:
+        return None
+    losses, metrics = basic_terms(model, settings, batch, outputs, image_positions)
+    sums = model.basic_metric_sums
+    for name, value in metrics.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+    model.basic_metric_count += 1
+    return losses
+
+
+@hookimpl
+def llava_log_metrics(model):
+    if model is None or _settings(model) is None or not model.basic_metric_count:
+        return None
+    count = model.basic_metric_count
+    means = {k: v / count for k, v in model.basic_metric_sums.items()}
+    model.basic_metric_sums, model.basic_metric_count = {}, 0
+    return means
+

@@ -1,0 +1,93 @@
+"""The seams into an unmodified, installed ``llava``: explicit, reversible, idempotent.
+
+``apply_plugin_host()`` rebinds, in ``llava.train.train`` (where ``train()`` looks
+them up at call time), ``TrainingArguments`` (plugin flags), the model classes
+(plugin losses inside forward) and ``LLaVATrainer`` (hooks and logging); and in
+``llava.model.llava_arch``, ``build_vision_tower`` (plugin vision towers).
+``remove_plugin_host()`` puts every original back.
+"""
+from __future__ import annotations
+
+import importlib
+
+from basic_plugin.arguments import build_training_arguments
+from basic_plugin.forward import with_plugin_forward
+from basic_plugin.plugins import load_plugins, pm
+from basic_plugin.trainer import plugin_trainer_class
+
+_originals: dict[tuple[str, str], object] = {}
+
+
+def _swap(module_name: str, attr: str, new) -> None:
+    module = importlib.import_module(module_name)
+    key = (module_name, attr)
+    if key not in _originals:
+        _originals[key] = getattr(module, attr)
+    setattr(module, attr, new)
+
+
+def plugin_vision_tower_builder(original):
+    """``build_vision_tower`` that asks the plugins first, then LLaVA."""
+
+    def build_vision_tower(vision_tower_cfg, **kwargs):
+        tower = pm.hook.llava_build_vision_tower(vision_tower_cfg=vision_tower_cfg, kwargs=kwargs)
+        return tower if tower is not None else original(vision_tower_cfg, **kwargs)
+
+    build_vision_tower._llava_plugin_original = original
+    return build_vision_tower
+
+
+def routed_llama_class(llama_cls: type, mistral_cls: type | None) -> type:
+    """LLaVA-Llama with the plugin forward; ``from_pretrained`` of a Mistral checkpoint gives LLaVA-Mistral.
+
+    LLaVA-1.5's ``train()`` always loads ``LlavaLlamaForCausalLM``; routing by the
+    checkpoint's ``model_type`` lets the same script train ``llava_mistral``.
+    """
+    plugin_llama = with_plugin_forward(llama_cls)
+    if mistral_cls is None or "from_pretrained" in plugin_llama.__dict__:
+        return plugin_llama
+    plugin_mistral = with_plugin_forward(mistral_cls)
+    llama_from_pretrained = plugin_llama.from_pretrained.__func__
+
+    def from_pretrained(cls, path, *args, **kwargs):
+        import transformers
+
+        config = kwargs.get("config") or transformers.PretrainedConfig.get_config_dict(path)[0]
+        model_type = config["model_type"] if isinstance(config, dict) else config.model_type
+        if cls is plugin_llama and "mistral" in str(model_type):
+            return plugin_mistral.from_pretrained(path, *args, **kwargs)
+        return llama_from_pretrained(cls, path, *args, **kwargs)
+
+    plugin_llama.from_pretrained = classmethod(from_pretrained)
+    return plugin_llama
+
+
+def apply_plugin_host() -> None:
+    """Install the seams (loading plugins first). Calling it twice changes nothing."""
+    load_plugins()
+    import llava.model.llava_arch as arch
+    import llava.train.train as llava_train
+
+    if ("llava.train.train", "TrainingArguments") in _originals:
+        return
+    base_args = llava_train.TrainingArguments
+    args_cls = build_training_arguments(base_args)
+    args_cls._llava_plugin_base = base_args
+    mistral = getattr(llava_train, "LlavaMistralForCausalLM", None)
+    _swap("llava.train.train", "TrainingArguments", args_cls)
+    _swap("llava.train.train", "LlavaLlamaForCausalLM", routed_llama_class(llava_train.LlavaLlamaForCausalLM, mistral))
+    if mistral is not None:
+        _swap("llava.train.train", "LlavaMistralForCausalLM", with_plugin_forward(mistral))
+    _swap("llava.train.train", "LLaVATrainer", plugin_trainer_class(llava_train.LLaVATrainer))
+    _swap("llava.model.llava_arch", "build_vision_tower", plugin_vision_tower_builder(arch.build_vision_tower))
+
+
+def remove_plugin_host() -> None:
+    """Put back every original that ``apply_plugin_host`` replaced."""
+    for (module_name, attr), original in list(_originals.items()):
+        setattr(importlib.import_module(module_name), attr, original)
+        del _originals[(module_name, attr)]
+
+
+def plugin_host_applied() -> bool:
+    return bool(_originals)

@@ -1,0 +1,70 @@
+"""LLaVA's trainer, plus the plugin hooks around it and logging of the named loss terms."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from basic_plugin.forward import PluginForwardMixin
+from basic_plugin.plugins import pm
+
+
+def find_plugin_model(model):
+    """The module carrying the plugin forward, under any PEFT or engine wrapper."""
+    for module in model.modules():
+        if isinstance(module, PluginForwardMixin):
+            return module
+    return None
+
+
+def plugin_trainer_class(llava_trainer: type) -> type:
+    """A subclass of ``llava_trainer`` that runs ``llava_model_ready`` and logs plugin terms."""
+
+    class PluginTrainer(llava_trainer):
+        def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
+            dataset = kwargs.get("train_dataset")
+            pm.hook.llava_model_ready(model=model, tokenizer=tokenizer, training_args=args,
+                                      data_args=getattr(dataset, "data_args", None))
+            super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
+            self._plugin_model = find_plugin_model(model)
+            self._term_sums: dict[str, float] = {}
+            self._term_count = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+            if self._plugin_model is not None:
+                self._plugin_model.plugin_terms = {}
+            result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
+            terms = getattr(self._plugin_model, "plugin_terms", None) if model.training else None
+            if terms:
+                for name, value in terms.items():
+                    self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
+                self._term_count += 1
+            return result
+
+        def log(self, logs, *args, **kwargs):
+            if "loss" in logs:
+                logs.update(self._mean_terms())
+                for extra in pm.hook.llava_log_metrics(model=self._plugin_model):
+                    logs.update({k: round(float(v), 6) for k, v in (extra or {}).items()})
+            return super().log(logs, *args, **kwargs)
+
+        def _mean_terms(self) -> dict[str, float]:
+            """Mean of each term since the last log, averaged over ranks too."""
+            names = sorted(self._term_sums)
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                # every rank logs at the same step; agree on the names first
+                gathered = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, names)
+                names = sorted(set().union(*gathered))
+                values = torch.tensor([self._term_sums.get(n, 0.0) for n in names] + [float(self._term_count)],
+                                      dtype=torch.float64, device=self.args.device)
+                dist.all_reduce(values)
+                sums, count = values[:-1].tolist(), values[-1].item()
+            else:
+                sums, count = [self._term_sums[n] for n in names], float(self._term_count)
+            self._term_sums, self._term_count = {}, 0
+            if count == 0:
+                return {}
+            return {n: round(s / count, 6) for n, s in zip(names, sums)}
+
+    PluginTrainer.__name__ = PluginTrainer.__qualname__ = "PluginTrainer"
+    return PluginTrainer

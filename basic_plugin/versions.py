@@ -1,0 +1,63 @@
+"""Which versions of LLaVA's training stack work, and a clear message when one does not."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+
+from packaging.version import Version
+
+
+@dataclass
+class Finding:
+    package: str
+    found: str | None
+    ok: bool
+    note: str
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def _check(package, dist, rule, note_bad, required=True):
+    found = _version(dist)
+    if found is None:
+        return Finding(package, None, not required, "not installed" + ("" if required else " (optional)"))
+    ok = rule(Version(found))
+    return Finding(package, found, ok, "ok" if ok else note_bad)
+
+
+def check_versions() -> list[Finding]:
+    """One finding per package of LLaVA's training path."""
+    findings = [
+        _check("torch", "torch", lambda v: v >= Version("2.0"), "torch >= 2.0 is needed"),
+        _check("llava", "llava-torch", lambda v: v >= Version("1.2"),
+               "llava >= 1.2 (LLaVA-1.5 code) is needed"),
+        _check("transformers", "transformers", lambda v: Version("4.37") <= v < Version("4.38"),
+               "LLaVA-1.5 trains and generates with transformers 4.37.x (4.38+ breaks generation, "
+               "4.52+ breaks llava_trainer, 4.53+ cannot import llava.train)"),
+        _check("tokenizers", "tokenizers", lambda v: Version("0.15") <= v < Version("0.16"),
+               "tokenizers 0.15.x goes with transformers 4.37"),
+        _check("peft", "peft", lambda v: v < Version("0.14"),
+               "peft >= 0.14 breaks every run on transformers 4.37 (Trainer imports peft); use 0.13.2"),
+        _check("accelerate", "accelerate", lambda v: Version("0.29") <= v < Version("1.0"),
+               "accelerate 0.29-0.34 works with transformers 4.37 (<= 0.28 forces NCCL, 1.x breaks)"),
+        _check("deepspeed", "deepspeed", lambda v: v >= Version("0.12"), "deepspeed >= 0.12 is needed",
+               required=False),
+        _check("pluggy", "pluggy", lambda v: v >= Version("1.3"), "pluggy >= 1.3 is needed"),
+        _check("sentencepiece", "sentencepiece", lambda v: True, "", required=True),
+    ]
+    if _version("llava") is not None and _version("llava-torch") is None:
+        findings[1] = Finding("llava", _version("llava"), True, "ok (git checkout of LLaVA)")
+    return findings
+
+
+def require_supported_versions() -> None:
+    """Refuse to start training on a stack that is known to fail later."""
+    bad = [f for f in check_versions() if not f.ok]
+    if bad:
+        lines = "\n".join(f"  {f.package} {f.found or '(missing)'}: {f.note}" for f in bad)
+        raise SystemExit(f"basic-llava: unsupported environment:\n{lines}\nRun `basic-llava doctor` for details.")

@@ -1,0 +1,173 @@
+"""The plugin manager, argument building and the seams, without training."""
+import dataclasses
+import inspect
+
+import pytest
+import transformers
+
+import basic_plugin
+from basic_plugin import hookspecs, plugins
+from basic_plugin.arguments import build_training_arguments
+from basic_plugin.basic.arguments import BasicArguments
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch):
+    for env in (plugins.ALLOW_ENV, plugins.BLOCK_ENV, plugins.TRACE_ENV):
+        monkeypatch.delenv(env, raising=False)
+    plugins.reset_plugins()
+    yield plugins
+    plugins.reset_plugins()
+    monkeypatch.undo()
+    plugins.load_plugins()
+
+
+def test_basic_is_registered_through_its_entry_point(fresh_plugins):
+    eps = fresh_plugins.available_entry_points()
+    assert eps["basic"].value == "basic_plugin.basic.plugin"
+    pm = fresh_plugins.load_plugins()
+    assert pm.get_plugin("basic") is eps["basic"].load()
+    assert fresh_plugins.has_auxiliary_losses()
+
+
+def test_block_env_keeps_a_plugin_out(fresh_plugins, monkeypatch):
+    monkeypatch.setenv(plugins.BLOCK_ENV, "basic")
+    pm = fresh_plugins.load_plugins()
+    assert pm.get_plugin("basic") is None and pm.is_blocked("basic")
+    assert not fresh_plugins.has_auxiliary_losses()
+
+
+def test_allow_list_env(fresh_plugins, monkeypatch):
+    monkeypatch.setenv(plugins.ALLOW_ENV, "someone-else")
+    assert fresh_plugins.load_plugins().get_plugin("basic") is None
+    plugins.reset_plugins()
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basic,someone-else")
+    assert fresh_plugins.load_plugins().get_plugin("basic") is not None
+
+
+def test_trace_env_prints_hook_calls(fresh_plugins, monkeypatch, capsys):
+    monkeypatch.setenv(plugins.TRACE_ENV, "1")
+    pm = fresh_plugins.load_plugins()
+    pm.hook.llava_plugin_arguments()
+    err = capsys.readouterr().err
+    assert "llava_plugin_arguments -> ['basic']" in err and "BasicArguments" in err
+
+
+def test_every_hookspec_is_typed_and_documented_in_code():
+    specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("llava_")]
+    assert len(specs) >= 5
+    for name in specs:
+        fn = getattr(hookspecs, name)
+        assert fn.__doc__ and len(fn.__doc__.strip()) > 20, name
+        assert "return" in inspect.signature(fn).return_annotation.__str__().lower() or \
+            inspect.signature(fn).return_annotation is not inspect.Signature.empty, name
+
+
+def _llava_training_arguments():
+    import llava.train.train as llava_train
+
+    base = llava_train.TrainingArguments
+    return getattr(base, "_llava_plugin_base", base)
+
+
+def test_plugin_fields_become_train_flags(tmp_path):
+    args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments])
+    parser = transformers.HfArgumentParser((args_cls,))
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--basic", "True", "--basic_depth", "3", "--basic_kl", "reverse",
+         "--report_to", "none"])
+    assert args.basic is True and args.basic_depth == 3 and args.basic_kl == "reverse"
+    assert args.basic_lambda_das == 1.0 and args.basic_lambda_sds == 0.01 and args.basic_vocab == "embed"
+    assert isinstance(args, _llava_training_arguments())
+    assert "--basic_patch_weights" in parser.format_help()
+    # pickles by name, as Trainer does for training_args.bin
+    import pickle
+
+    assert pickle.loads(pickle.dumps(args)).basic_depth == 3
+
+
+def test_unknown_choice_is_refused_by_the_parser(tmp_path, capsys):
+    args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments])
+    parser = transformers.HfArgumentParser((args_cls,))
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--basic_vocab", "nope"])
+    assert "basic_vocab" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value", [("basic_lambda_das", "-1"), ("basic_depth", "0"),
+                                         ("basic_temperature", "0"), ("basic_sds_chunk_size", "0")])
+def test_invalid_values_fail_while_parsing(tmp_path, flag, value):
+    plugins.load_plugins()
+    args_cls = build_training_arguments(_llava_training_arguments())
+    parser = transformers.HfArgumentParser((args_cls,))
+    with pytest.raises(ValueError, match=flag):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path / "out"), f"--{flag}", value,
+                                            "--report_to", "none"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_flag_clash_is_refused():
+    @dataclasses.dataclass
+    class Clashing:
+        lora_r: int = 3
+
+    with pytest.raises(ValueError, match="lora_r"):
+        build_training_arguments(_llava_training_arguments(), [Clashing])
+
+
+def test_apply_and_remove_the_seams_are_idempotent_and_reversible():
+    import llava.model.llava_arch as arch
+    import llava.train.train as llava_train
+
+    from basic_plugin import integration
+
+    integration.remove_plugin_host()
+    names = ("TrainingArguments", "LlavaLlamaForCausalLM", "LLaVATrainer")
+    before = {n: getattr(llava_train, n) for n in names}
+    builder = arch.build_vision_tower
+    integration.apply_plugin_host()
+    after = {n: getattr(llava_train, n) for n in names}
+    integration.apply_plugin_host()
+    assert {n: getattr(llava_train, n) for n in names} == after
+    for n in names:
+        assert after[n] is not before[n] and issubclass(after[n], before[n])
+    assert after["LlavaLlamaForCausalLM"].__name__ == "LlavaLlamaForCausalLM"  # config.json stays vanilla
+    assert arch.build_vision_tower is not builder
+    integration.remove_plugin_host()
+    assert {n: getattr(llava_train, n) for n in names} == before and arch.build_vision_tower is builder
+    assert not integration.plugin_host_applied()
+
+
+class SentinelTower:
+    pass
+
+
+class TowerPlugin:
+    @basic_plugin.hookimpl
+    def llava_build_vision_tower(self, vision_tower_cfg, kwargs):
+        name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", ""))
+        if name == "sentinel-tower":
+            tower = SentinelTower()
+            tower.kwargs = dict(kwargs)
+            return tower
+        return None
+
+
+def test_vision_tower_hook_first_result_wins_and_falls_back_to_llava():
+    import types
+
+    import llava.model.llava_arch as arch
+
+    from basic_plugin import integration
+
+    plugins.load_plugins()
+    plugins.pm.register(TowerPlugin(), name="tower-test")
+    integration.apply_plugin_host()
+    try:
+        tower = arch.build_vision_tower(types.SimpleNamespace(mm_vision_tower="sentinel-tower"), delay_load=True)
+        assert isinstance(tower, SentinelTower) and tower.kwargs == {"delay_load": True}
+        with pytest.raises(ValueError, match="Unknown vision tower"):
+            arch.build_vision_tower(types.SimpleNamespace(mm_vision_tower="no-such-tower"))
+    finally:
+        plugins.pm.unregister(name="tower-test")
+        integration.remove_plugin_host()
