@@ -44,7 +44,7 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             if "loss" in logs:
                 logs.update(self._mean_terms())
                 for extra in pm.hook.llava_log_metrics(model=self._plugin_model):
-                    logs.update({k: round(float(v), 6) for k, v in (extra or {}).items()})
+                    logs.update({k: float(v) for k, v in (extra or {}).items()})
             return super().log(logs, *args, **kwargs)
 
         def _mean_terms(self) -> dict[str, float]:
@@ -64,7 +64,7 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             self._term_sums, self._term_count = {}, 0
             if count == 0:
                 return {}
-            return {n: round(s / count, 6) for n, s in zip(names, sums)}
+            return {n: s / count for n, s in zip(names, sums)}
 
     PluginTrainer.__name__ = PluginTrainer.__qualname__ = "PluginTrainer"
     return PluginTrainer

@@ -19,6 +19,14 @@ def llava_validate_arguments(training_args):
     validate_basic_arguments(training_args)
 
 
+def supported_model(model) -> bool:
+    """LLaVA on a Llama or Mistral LLM (a Vicuna checkpoint says model_type 'llama' until LLaVA saves it)."""
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    return isinstance(model, LlavaMetaForCausalLM) and isinstance(model, (LlamaForCausalLM, MistralForCausalLM))
+
+
 def settings_for(model, training_args) -> BasicSettings | None:
     """BASIC's settings for this run, or None when BASIC is off for this stage."""
     if not getattr(training_args, "basic", False):
@@ -26,10 +34,9 @@ def settings_for(model, training_args) -> BasicSettings | None:
     pretraining = bool(getattr(training_args, "tune_mm_mlp_adapter", False))
     if (pretraining and not training_args.basic_pretrain) or (not pretraining and not training_args.basic_finetune):
         return None
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"--basic supports model types {', '.join(SUPPORTED_MODEL_TYPES)}; "
-                         f"this model is {model_type!r}")
+    if not supported_model(model):
+        raise ValueError(f"--basic supports {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is "
+                         f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})")
     layers = model.config.num_hidden_layers
     depth = training_args.basic_depth or layers // 2
     if not 1 <= depth <= layers:

@@ -1,0 +1,245 @@
+"""BASIC inside the real LLaVA forward, against an independent float64 reference.
+
+The reference re-runs LLaVA's own splicing and the eager LLM with
+``output_attentions``, finds the image rows by matching the projector output,
+and evaluates the paper's formulas in float64 with plain loops.
+"""
+import types
+from dataclasses import asdict
+
+import pytest
+import torch
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+from transformers import LlamaForCausalLM
+
+from basic_plugin.basic import plugin as basic
+from basic_plugin.basic.arguments import BasicArguments
+from basic_plugin.forward import with_plugin_forward
+from basic_plugin.plugins import load_plugins
+from basic_plugin.tiny import build_tiny_llava
+
+I = -200
+DEPTH = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-basic"), layers=4)
+
+
+def make_model(paths, attn="sdpa", padding_side="right", max_length=64):
+    load_plugins()
+    torch.manual_seed(0)
+    model = with_plugin_forward(LlavaLlamaForCausalLM).from_pretrained(paths["lm"], attn_implementation=attn)
+    margs = types.SimpleNamespace(
+        vision_tower=str(paths["vision"]), mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+        pretrain_mm_mlp_adapter=None, mm_projector_type="mlp2x_gelu", mm_patch_merge_type="flat")
+    model.get_model().initialize_vision_modules(model_args=margs)
+    model.config.tokenizer_padding_side = padding_side
+    model.config.tokenizer_model_max_length = max_length
+    torch.manual_seed(1)
+    for p in model.get_model().mm_projector.parameters():  # a projector that is not near zero
+        torch.nn.init.normal_(p, std=0.3)
+    return model
+
+
+def ready(model, pretraining=False, **overrides):
+    args = types.SimpleNamespace(**{**asdict(BasicArguments()), "basic": True, "basic_depth": DEPTH,
+                                    "tune_mm_mlp_adapter": pretraining, **overrides})
+    basic.llava_model_ready(model=model, tokenizer=None, training_args=args, data_args=None)
+    model.train()
+    return model
+
+
+def make_batch(samples, n_images=None, seed=0):
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = True
+    labels = ids.clone()
+    labels[ids == I] = -100
+    labels[~mask] = -100
+    g = torch.Generator().manual_seed(seed)
+    n = n_images or sum(max(1, s.count(I)) for s in samples)
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, images=torch.randn(n, 3, 56, 56, generator=g))
+
+
+BATCH = [[1, I, 5, 6, 7, 8, 2], [1, 9, I, 10, 11, 2], [1, 12, 13, 2], [1, I, 14, I, 15, 16, 2]]
+
+
+def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0):
+    """float64 L_das and L_sds from the eager model's attentions, formulas written out."""
+    with torch.no_grad():
+        feats = model.encode_images(batch["images"])
+        _, _, mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+        out = LlamaForCausalLM.forward(model, inputs_embeds=embeds, attention_mask=mask, labels=labels,
+                                       output_attentions=True, output_hidden_states=True, return_dict=True)
+    hs = [h.double() for h in out.hidden_states]
+    att = [a.double() for a in out.attentions]
+    E = model.get_input_embeddings().weight.detach().double()
+    flat = feats.reshape(-1, feats.shape[-1])
+    das_sum = sds_sum = 0.0
+    n_samples = 0
+    B, L = mask.shape
+    for b in range(B):
+        # image rows: positions whose input embedding equals some projector output row
+        rows, blocks = [], []
+        for s in range(L):
+            if not mask[b, s]:
+                continue
+            hit = torch.nonzero((flat == embeds[b, s]).all(-1)).flatten()
+            if hit.numel():
+                rows.append(s)
+        if not rows:
+            continue
+        n_samples += 1
+        # contiguous blocks of image rows
+        for s in rows:
+            if blocks and s == blocks[-1][-1] + 1:
+                blocks[-1].append(s)
+            else:
+                blocks.append([s])
+        row_set = set(rows)
+        a = {}
+        for block in blocks:
+            queries = [j for j in range(block[-1] + 1, L) if mask[b, j] and j not in row_set]
+            for i in block:
+                if weights_mode == "uniform":
+                    a[i] = 1.0 / len(rows)
+                    continue
+                total = 0.0
+                for layer in range(depth):
+                    for j in queries:
+                        total += float(att[layer][b, :, j, i].mean())
+                a[i] = total / (depth * len(queries)) if queries else 0.0
+        if weights_mode == "sum1":
+            z = sum(a.values())
+            a = {i: v / z for i, v in a.items()}
+        w = [l * l for l in range(1, depth + 1)]
+        for i in rows:
+            v = hs[0][b, i]
+            t = sum(w[l - 1] * hs[l][b, i] for l in range(1, depth + 1)) / sum(w)
+            das_sum += a[i] * float(((v / v.norm() - t / t.norm()) ** 2).sum())
+            logp = torch.log_softmax(E @ t / temperature, -1)
+            logq = torch.log_softmax(E @ v / temperature, -1)
+            if kl == "forward":
+                kl_i = float((logp.exp() * (logp - logq)).sum())
+            else:
+                kl_i = float((logq.exp() * (logq - logp)).sum())
+            sds_sum += a[i] * kl_i
+    return das_sum / n_samples, sds_sum / n_samples, float(out.loss)
+
+
+@pytest.mark.parametrize("weights_mode,kl,temperature", [
+    ("raw", "forward", 1.0), ("sum1", "reverse", 1.0), ("uniform", "forward", 2.0), ("raw", "reverse", 0.5)])
+def test_terms_match_float64_reference(tiny_paths, weights_mode, kl, temperature):
+    model = ready(make_model(tiny_paths, attn="sdpa"), basic_patch_weights=weights_mode, basic_kl=kl,
+                  basic_temperature=temperature, basic_lambda_sds=0.5, basic_sds_chunk_size=5)
+    eager = make_model(tiny_paths, attn="eager")
+    eager.load_state_dict(model.state_dict())
+    batch = make_batch(BATCH)
+    out = model(**batch)
+    terms = model.plugin_terms
+    das, sds, lm = reference_terms(eager, batch, depth=DEPTH, weights_mode=weights_mode, kl=kl,
+                                   temperature=temperature)
+    assert terms["basic_das"].item() == pytest.approx(das, rel=1e-4, abs=1e-7)
+    assert terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=1e-7)
+    assert terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)
+    assert out.loss.item() == pytest.approx(lm + das + 0.5 * sds, rel=1e-5)
+    assert das > 0 and sds > 0
+
+
+def test_image_rows_of_the_llm_input_are_the_projector_output(tiny_paths):
+    from basic_plugin.positions import image_token_positions
+
+    model = make_model(tiny_paths)
+    batch = make_batch(BATCH)
+    with torch.no_grad():
+        feats = model.encode_images(batch["images"])
+        _, _, _, _, embeds, _ = model.prepare_inputs_labels_for_multimodal(
+            batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
+    pos = image_token_positions(batch["input_ids"], batch["attention_mask"], feats.shape[1],
+                                max_length=64, padding_side="right")
+    assert pos.num_rows == 4 * feats.shape[1]
+    assert torch.equal(embeds[pos.batch_index, pos.seq_index], feats[pos.image_index, pos.patch_index])
+
+
+def grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_pretraining_sends_basic_gradient_to_the_projector_only(tiny_paths):
+    model = make_model(tiny_paths)
+    model.requires_grad_(False)
+    for p in model.get_model().mm_projector.parameters():
+        p.requires_grad_(True)
+    batch = make_batch(BATCH)
+    with_basic = grads(ready(model, pretraining=True), batch)
+    assert with_basic and all("mm_projector" in n for n in with_basic)
+    without = grads(ready(model, pretraining=True, basic_lambda_das=0.0, basic_lambda_sds=0.0), batch)
+    assert any(not torch.allclose(with_basic[n], without[n]) for n in with_basic)
+    # --basic_pretrain False turns it off for this stage: loss is the LM loss alone
+    off = ready(model, pretraining=True, basic_pretrain=False)
+    assert off.basic_settings is None
+    assert set(off(**batch).__class__.__mro__) and model.plugin_terms.keys() == {"lm_loss"}
+
+
+@pytest.mark.parametrize("vocab", ["embed", "lm_head"])
+def test_vocab_gradient_only_when_trainable_and_not_detached(tiny_paths, vocab):
+    model = make_model(tiny_paths)
+    name = "model.embed_tokens.weight" if vocab == "embed" else "lm_head.weight"
+    batch = make_batch(BATCH)
+    base = grads(ready(model, basic_vocab=vocab, basic_lambda_sds=0.0), batch)[name]
+    live = grads(ready(model, basic_vocab=vocab, basic_lambda_sds=1.0), batch)[name]
+    detached = grads(ready(model, basic_vocab=vocab, basic_lambda_sds=1.0, basic_detach_vocab=True), batch)[name]
+    assert not torch.allclose(base, live)
+    assert torch.allclose(base, detached, atol=1e-7)
+
+
+def test_text_only_batch_gives_zero_terms_and_the_same_module_calls(tiny_paths):
+    model = ready(make_model(tiny_paths))
+    calls = {}
+    layer = model.get_model().layers[0]
+    watched = {"q": layer.self_attn.q_proj, "k": layer.self_attn.k_proj, "embed": model.get_input_embeddings(),
+               "proj": model.get_model().mm_projector}
+    for key, module in watched.items():
+        module.register_forward_pre_hook(lambda m, a, key=key: calls.__setitem__(key, calls.get(key, 0) + 1))
+    model(**make_batch(BATCH)).loss.backward()
+    with_images = dict(calls)
+    calls.clear()
+    text_only = make_batch([[1, 5, 6, 2], [1, 7, 2], [1, 8, 8, 2], [1, 9, 2]])  # same batch size: LLaVA embeds per sample
+    out = model(**text_only)
+    assert model.plugin_terms["basic_das"].item() == 0.0 and model.plugin_terms["basic_sds"].item() == 0.0
+    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    out.loss.backward()
+    assert calls == with_images
+    projector_grads = [p.grad for p in model.get_model().mm_projector.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in projector_grads)
+
+
+def test_eval_mode_is_llava_unchanged(tiny_paths):
+    model = ready(make_model(tiny_paths))
+    batch = make_batch(BATCH)
+    model.eval()
+    with torch.no_grad():
+        plugin = model(**batch).loss
+        vanilla = LlavaLlamaForCausalLM.forward(model, **batch).loss
+    assert torch.equal(plugin, vanilla)
+
+
+def test_unsupported_model_is_refused(tiny_paths):
+    args = types.SimpleNamespace(**{**asdict(BasicArguments()), "basic": True, "tune_mm_mlp_adapter": False})
+    plain_llama = LlamaForCausalLM.from_pretrained(tiny_paths["lm"])
+    with pytest.raises(ValueError, match="supports llava_llama, llava_mistral"):
+        basic.settings_for(plain_llama, args)
+
+
+def test_depth_out_of_range_is_refused(tiny_paths):
+    model = make_model(tiny_paths)
+    with pytest.raises(ValueError, match="basic_depth 9"):
+        ready(model, basic_depth=9)
