@@ -1,19 +1,33 @@
-"""Plugin flags for LLaVA's ``train()``: one TrainingArguments subclass built from the plugins.
+"""Plugin flags for LLaVA's ``train()``: argument classes built from the plugins.
 
-``train()`` parses ``(ModelArguments, DataArguments, TrainingArguments)``. The host
-rebinds ``TrainingArguments`` in ``llava.train.train`` to a subclass that adds
-every field of every plugin's argument dataclass, so plugin flags parse, show
-in ``--help``, and arrive as attributes of ``training_args``.
+``train()`` parses ``(ModelArguments, DataArguments, TrainingArguments)`` in that
+order. The host rebinds the three in ``llava.train.train``: the first two are
+recorded as they are built, and ``TrainingArguments`` gains every field of every
+plugin's argument dataclass plus the host's own, then runs the validation hooks
+with all three, so bad settings stop the run before the model loads.
 """
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 import sys
 import typing
 
 from basic_plugin.plugins import load_plugins, pm
 
 CLASS_NAME = "PluginTrainingArguments"
+
+#: the ModelArguments / DataArguments instances of the parse in progress
+_parsed: dict[str, object] = {}
+
+
+@dataclasses.dataclass
+class HostArguments:
+    """Flags of the plugin host itself."""
+
+    plugin_max_nonfinite_steps: int = dataclasses.field(default=20, metadata={
+        "help": "Stop (saving a checkpoint) after this many consecutive steps whose plugin loss terms were "
+                "NaN/inf or whose image rows did not check out; such steps train on the LM loss alone."})
 
 
 def plugin_argument_classes() -> list[type]:
@@ -38,18 +52,32 @@ def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
     return dataclasses.field(**kwargs)
 
 
-def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
-    """Return ``base`` extended with the fields of ``plugin_classes`` (default: the loaded plugins').
+def host_checks(model_args, data_args, training_args) -> None:
+    """What LLaVA itself would only refuse late (or never) is refused here."""
+    if model_args is not None and getattr(model_args, "tune_mm_mlp_adapter", False) \
+            and getattr(model_args, "mm_use_im_start_end", False):
+        raise ValueError("--tune_mm_mlp_adapter True with --mm_use_im_start_end True is not supported by LLaVA "
+                         "(it fails at the first step); allowed: --mm_use_im_start_end False for pretraining")
+    if training_args.plugin_max_nonfinite_steps < 1:
+        raise ValueError(f"--plugin_max_nonfinite_steps {training_args.plugin_max_nonfinite_steps} is invalid; "
+                         "allowed: an integer >= 1")
+    if model_args is not None and getattr(model_args, "tune_mm_mlp_adapter", False) and training_args.output_dir \
+            and list(pathlib.Path(training_args.output_dir).glob("checkpoint-*")):
+        raise ValueError(
+            f"--output_dir {training_args.output_dir} holds checkpoint-* folders: LLaVA would try to resume, but "
+            "projector pretraining checkpoints hold only mm_projector.bin (vanilla LLaVA behaviour) and cannot be "
+            "resumed; use a fresh --output_dir or start from that mm_projector.bin")
 
-    ``__post_init__`` runs the plugins' ``llava_validate_arguments`` so that bad
-    settings stop the run before the model loads.
-    """
+
+def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
+    """Return ``base`` extended with the host's fields and those of ``plugin_classes``
+    (default: the loaded plugins')."""
     if plugin_classes is None:
         load_plugins()
         plugin_classes = plugin_argument_classes()
     taken = {f.name: base.__name__ for f in dataclasses.fields(base)}
     new_fields = []
-    for cls in plugin_classes:
+    for cls in [HostArguments, *plugin_classes]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if f.name in taken:
@@ -59,7 +87,9 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
 
     def __post_init__(self):
         base.__post_init__(self)
-        pm.hook.llava_validate_arguments(training_args=self)
+        model_args, data_args = _parsed.pop("model", None), _parsed.pop("data", None)
+        host_checks(model_args, data_args, self)
+        pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
 
     cls = dataclasses.make_dataclass(
         CLASS_NAME, new_fields, bases=(base,), namespace={"__post_init__": __post_init__}
@@ -67,6 +97,20 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
     cls.__module__ = __name__
     cls.__qualname__ = CLASS_NAME
     setattr(sys.modules[__name__], CLASS_NAME, cls)  # so pickling training_args.bin finds it
+    return cls
+
+
+def recording(base: type, key: str) -> type:
+    """``base`` (ModelArguments or DataArguments) recording each instance for the validation hooks."""
+    original_post_init = getattr(base, "__post_init__", None)
+
+    def __post_init__(self):
+        if original_post_init is not None:
+            original_post_init(self)
+        _parsed[key] = self
+
+    cls = dataclasses.make_dataclass(base.__name__, [], bases=(base,), namespace={"__post_init__": __post_init__})
+    cls.__module__ = base.__module__
     return cls
 
 

@@ -36,6 +36,8 @@ class PluginForwardMixin:
 
     #: detached named terms of the last training forward, read by the trainer
     plugin_terms: dict
+    #: why the plugin terms were left out of the last step ("nonfinite", "image_rows"), or None
+    plugin_skipped: Optional[str] = None
 
     def forward(
         self,
@@ -97,14 +99,17 @@ class PluginForwardMixin:
         )
         mask = new_mask.bool() if new_mask is not None else torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         batch = ForwardBatch(input_ids, attention_mask, images, mask, new_position_ids, new_labels, features)
-        outputs.loss = self._add_plugin_losses(outputs, batch, positions)
+        rows_ok = rows_match(embeds, features, positions)
+        if not rows_ok:  # keep every module call (ZeRO-3), but supervise nothing this step
+            positions = empty_like_positions(positions)
+        outputs.loss = self._add_plugin_losses(outputs, batch, positions, rows_ok)
         if want_hidden and not output_hidden_states:
             outputs.hidden_states = None  # release them before backward bookkeeping
         if return_dict is False:
             return outputs.to_tuple()
         return outputs
 
-    def _add_plugin_losses(self, outputs, batch: ForwardBatch, positions: ImagePositions):
+    def _add_plugin_losses(self, outputs, batch: ForwardBatch, positions: ImagePositions, rows_ok: bool = True):
         lm_loss = outputs.loss
         terms = {}
         for result in pm.hook.llava_auxiliary_losses(
@@ -113,11 +118,44 @@ class PluginForwardMixin:
                 if name in terms or name == "lm_loss":
                     raise ValueError(f"two plugins return a loss term named {name!r}")
                 terms[name] = value
+        finite = all_ranks_agree(all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()), lm_loss.device)
+        self.plugin_skipped = None if finite and rows_ok else ("nonfinite" if not finite else "image_rows")
         total = lm_loss
-        for value in terms.values():
-            total = total + value.to(lm_loss.dtype)
-        self.plugin_terms = {"lm_loss": lm_loss.detach(), **{k: v.detach() for k, v in terms.items()}}
+        if finite:  # otherwise train on the LM loss alone this step, on every rank alike
+            for value in terms.values():
+                total = total + value.to(lm_loss.dtype)
+        self.plugin_terms = {"lm_loss": lm_loss.detach(),
+                             **{k: (v.detach() if finite else torch.zeros_like(v.detach())) for k, v in terms.items()}}
         return total
+
+
+def rows_match(embeds: torch.Tensor, features: torch.Tensor, positions: ImagePositions) -> bool:
+    """The re-derived image rows of the LLM input hold exactly the projector output."""
+    if positions.num_rows == 0:
+        return True
+    if int(positions.image_index.max()) >= features.shape[0] or positions.sequence_length != embeds.shape[1]:
+        return False
+    return torch.equal(embeds[positions.batch_index, positions.seq_index],
+                       features[positions.image_index, positions.patch_index].to(embeds.dtype))
+
+
+def empty_like_positions(positions: ImagePositions) -> ImagePositions:
+    """No image rows, same batch: the plugins still make their module calls."""
+    empty = {k: (v[:0] if torch.is_tensor(v) and v.dim() == 1 and k != "has_image" else v)
+             for k, v in positions.__dict__.items()}
+    empty["has_image"] = torch.zeros_like(positions.has_image)
+    return ImagePositions(**empty)
+
+
+def all_ranks_agree(flag: bool, device) -> bool:
+    """True only if ``flag`` holds on every rank (one tiny all-reduce when distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item() > 0)
 
 
 _cache: dict[type, type] = {}

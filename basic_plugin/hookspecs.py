@@ -24,11 +24,12 @@ def llava_plugin_arguments() -> Sequence[type]:
 
 
 @hookspec
-def llava_validate_arguments(training_args: Any) -> None:
+def llava_validate_arguments(model_args: Any, data_args: Any, training_args: Any) -> None:
     """Raise ``ValueError`` naming the flag when the plugin's settings are invalid.
 
-    Called while the arguments are parsed, before any model is loaded and
-    before anything is written to ``output_dir``.
+    Called while ``train()`` parses its arguments, before any model is loaded
+    and before anything is written to ``output_dir``. ``model_args`` and
+    ``data_args`` are None when the training arguments are parsed on their own.
     """
 
 

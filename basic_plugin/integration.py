@@ -1,7 +1,8 @@
 """The seams into an unmodified, installed ``llava``: explicit, reversible, idempotent.
 
 ``apply_plugin_host()`` rebinds, in ``llava.train.train`` (where ``train()`` looks
-them up at call time), ``TrainingArguments`` (plugin flags), the model classes
+them up at call time), the three argument classes (plugin flags and early
+validation), the model classes
 (plugin losses inside forward) and ``LLaVATrainer`` (hooks and logging); and in
 ``llava.model.llava_arch``, ``build_vision_tower`` (plugin vision towers).
 ``remove_plugin_host()`` puts every original back.
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-from basic_plugin.arguments import build_training_arguments
+from basic_plugin.arguments import build_training_arguments, recording
 from basic_plugin.forward import with_plugin_forward
 from basic_plugin.plugins import load_plugins, pm
 from basic_plugin.trainer import plugin_trainer_class
@@ -74,6 +75,8 @@ def apply_plugin_host() -> None:
     args_cls = build_training_arguments(base_args)
     args_cls._llava_plugin_base = base_args
     mistral = getattr(llava_train, "LlavaMistralForCausalLM", None)
+    _swap("llava.train.train", "ModelArguments", recording(llava_train.ModelArguments, "model"))
+    _swap("llava.train.train", "DataArguments", recording(llava_train.DataArguments, "data"))
     _swap("llava.train.train", "TrainingArguments", args_cls)
     _swap("llava.train.train", "LlavaLlamaForCausalLM", routed_llama_class(llava_train.LlavaLlamaForCausalLM, mistral))
     if mistral is not None:

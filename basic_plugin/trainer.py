@@ -1,8 +1,12 @@
 """LLaVA's trainer, plus the plugin hooks around it and logging of the named loss terms."""
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
 from basic_plugin.forward import PluginForwardMixin
 from basic_plugin.plugins import pm
@@ -14,6 +18,22 @@ def find_plugin_model(model):
         if isinstance(module, PluginForwardMixin):
             return module
     return None
+
+
+logger = logging.getLogger(__name__)
+
+
+class PluginStopCallback(TrainerCallback):
+    """Ends training with a checkpoint once the trainer asks for a plugin stop."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.plugin_stop_reason:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def plugin_trainer_class(llava_trainer: type) -> type:
@@ -28,6 +48,9 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             self._plugin_model = find_plugin_model(model)
             self._term_sums: dict[str, float] = {}
             self._term_count = 0
+            self.plugin_skipped_total = self._skipped_in_a_row = 0
+            self.plugin_stop_reason = None
+            self.add_callback(PluginStopCallback(self))
 
         def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
             if self._plugin_model is not None:
@@ -38,11 +61,37 @@ def plugin_trainer_class(llava_trainer: type) -> type:
                 for name, value in terms.items():
                     self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
                 self._term_count += 1
+                self._count_skips(getattr(self._plugin_model, "plugin_skipped", None))
+            return result
+
+        def _count_skips(self, reason):
+            """Bad plugin terms cost the step its auxiliary loss; too many in a row stop the run."""
+            if reason is None:
+                self._skipped_in_a_row = 0
+                return
+            self.plugin_skipped_total += 1
+            self._skipped_in_a_row += 1
+            logger.warning("step %d: plugin loss terms left out (%s); training on the LM loss alone",
+                           self.state.global_step + 1, reason)
+            limit = getattr(self.args, "plugin_max_nonfinite_steps", 20)
+            if self._skipped_in_a_row >= limit and not self.plugin_stop_reason:
+                self.plugin_stop_reason = (
+                    f"{self._skipped_in_a_row} consecutive steps had unusable plugin loss terms ({reason}) "
+                    f"(limit --plugin_max_nonfinite_steps {limit})")
+
+        def train(self, *args, **kwargs):
+            result = super().train(*args, **kwargs)
+            if self.plugin_stop_reason:
+                saved = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
+                raise RuntimeError(f"basic-llava stopped the run at step {self.state.global_step}: "
+                                   f"{self.plugin_stop_reason}. Checkpoint saved in {saved}.")
             return result
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs:
                 logs.update(self._mean_terms())
+                if self.plugin_skipped_total:
+                    logs["plugin_skipped_steps"] = self.plugin_skipped_total
                 for extra in pm.hook.llava_log_metrics(model=self._plugin_model):
                     logs.update({k: float(v) for k, v in (extra or {}).items()})
             return super().log(logs, *args, **kwargs)

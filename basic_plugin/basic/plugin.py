@@ -15,8 +15,36 @@ def llava_plugin_arguments():
 
 
 @hookimpl
-def llava_validate_arguments(training_args):
+def llava_validate_arguments(model_args, data_args, training_args):
     validate_basic_arguments(training_args)
+    if not training_args.basic:
+        return
+    merge = getattr(model_args, "mm_patch_merge_type", "flat")
+    if merge != "flat":
+        raise ValueError(f"--basic supports --mm_patch_merge_type flat (LLaVA-1.5); got {merge!r} "
+                         "(anyres/spatial merging is LLaVA-NeXT)")
+    aspect = getattr(data_args, "image_aspect_ratio", "square")
+    if aspect not in ("square", "pad"):
+        raise ValueError(f"--basic supports --image_aspect_ratio square|pad (LLaVA-1.5); got {aspect!r}")
+    model_type = checkpoint_model_type(getattr(model_args, "model_name_or_path", None))
+    if model_type is not None and model_type not in SUPPORTED_CHECKPOINT_TYPES:
+        raise ValueError(f"--basic supports Llama and Mistral LLMs ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                         f"--model_name_or_path is a {model_type!r} checkpoint")
+
+
+SUPPORTED_CHECKPOINT_TYPES = ("llama", "mistral", "llava_llama", "llava_mistral", "llava")
+
+
+def checkpoint_model_type(path) -> str | None:
+    """``model_type`` from a local checkpoint's config.json, without loading anything else."""
+    import json
+    import os
+
+    config = os.path.join(str(path), "config.json") if path else None
+    if not config or not os.path.isfile(config):
+        return None
+    with open(config, encoding="utf-8") as f:
+        return json.load(f).get("model_type")
 
 
 def supported_model(model) -> bool:

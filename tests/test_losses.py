@@ -1,0 +1,440 @@
+"""Tests for basic_plugin/losses.py against independent float64 references.
+
+The references below are written from the formulas in BASIC.md (plain loops / einsum in
+float64) and never call the functions under test.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from basic_plugin.losses import direction_loss, distribution_loss, refined_target
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost (large on a busy box)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(prev)
+
+
+NS = [0, 1, 7, 13]
+DS = [5, 16]
+VS = [11, 37, 101]
+CHUNKS = [1, 3, 5, None]
+
+
+# --------------------------------------------------------------------------------------
+# Independent float64 references
+# --------------------------------------------------------------------------------------
+
+
+def ref_refined(states):
+    k = len(states)
+    denom = sum(j * j for j in range(1, k + 1))
+    out = torch.zeros(states[0].shape, dtype=torch.float64)
+    for l in range(1, k + 1):
+        out = out + (l * l / denom) * states[l - 1].double()
+    return out
+
+
+def ref_direction(s, t, w):
+    s, t, w = s.double(), t.double(), w.double()
+    total = 0.0 * s.sum()  # an empty sum that stays differentiable (for N == 0)
+    for i in range(s.shape[0]):
+        a = s[i] / torch.sqrt((s[i] * s[i]).sum())
+        b = t[i] / torch.sqrt((t[i] * t[i]).sum())
+        total = total + w[i] * ((a - b) ** 2).sum()
+    return total
+
+
+def _softmax64(z):
+    m = z.max()
+    e = torch.exp(z - m)
+    return e / e.sum()
+
+
+def ref_distribution(s, t, E, w, T, reverse):
+    """sum_i w_i KL(P_i||Q_i) (or KL(Q_i||P_i)), row by row, float64.
+
+    Differentiable wrt s and E (P uses a detached E, as the spec's gradients say)."""
+    s, E, w = s.double(), E.double(), w.detach().double()
+    t = t.detach().double()
+    total = 0.0 * (s.sum() + E.sum())  # an empty sum that stays differentiable (for N == 0)
+    for i in range(s.shape[0]):
+        zq = torch.einsum("d,vd->v", s[i], E) / T
+        zp = torch.einsum("d,vd->v", t[i], E.detach()) / T
+        q, p = _softmax64(zq), _softmax64(zp)
+        if reverse:
+            kl = (q * (torch.log(q) - torch.log(p))).sum()
+        else:
+            kl = (p * (torch.log(p) - torch.log(q))).sum()
+        total = total + w[i] * kl
+    return total
+
+
+def make_inputs(n, d, v, dtype=torch.float32, seed=0, weights="random"):
+    g = torch.Generator().manual_seed(seed * 1000 + n * 100 + d * 10 + v)
+    s = torch.randn(n, d, generator=g)
+    t = torch.randn(n, d, generator=g) * 3.0  # different scale: direction must ignore it
+    E = torch.randn(v, d, generator=g)
+    if weights == "uniform":
+        w = torch.full((n,), 1.0 / max(n, 1))
+    else:
+        w = torch.rand(n, generator=g)
+        if n > 2:
+            w[1] = 0.0  # a zero weight in the mix
+    return s.to(dtype), t.to(dtype), E.to(dtype), w.to(dtype)
+
+
+def tols(dtype):
+    # bf16 inputs are exact in fp32/64, so the loss only sees fp32 math error; gradients are
+    # returned in bf16 and get loose tolerances.
+    if dtype == torch.bfloat16:
+        return dict(rtol=2e-2, atol=2e-2)
+    return dict(rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# refined_target
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "k,expected",
+    [
+        (1, [1.0]),
+        (2, [1 / 5, 4 / 5]),
+        (3, [1 / 14, 4 / 14, 9 / 14]),
+        (4, [1 / 30, 4 / 30, 9 / 30, 16 / 30]),
+    ],
+)
+def test_refined_target_layer_weights_by_hand(k, expected):
+    # h_l = one-hot e_l: the output row is exactly the weight vector.
+    states = [torch.eye(k)[l].unsqueeze(0) for l in range(k)]
+    out = refined_target(states)
+    torch.testing.assert_close(out[0].double(), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d,k", [(0, 5, 3), (7, 5, 1), (13, 16, 4), (3, 16, 16)])
+def test_refined_target_matches_reference(dtype, n, d, k):
+    g = torch.Generator().manual_seed(n + d + k)
+    states = [torch.randn(n, d, generator=g).to(dtype).requires_grad_() for _ in range(k)]
+    out = refined_target(states)
+    assert out.dtype == dtype and out.shape == (n, d)
+    assert not out.requires_grad and out.grad_fn is None
+    # fp32 accumulation: the result is the fp32/64 sum rounded once to the output dtype.
+    expected = ref_refined([h.detach() for h in states]).to(dtype)
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 1e-2,
+                               atol=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+def test_refined_target_validation():
+    with pytest.raises(ValueError):
+        refined_target([])
+    with pytest.raises(ValueError):
+        refined_target([torch.zeros(2, 3), torch.zeros(2, 4)])
+    with pytest.raises(ValueError):
+        refined_target(torch.zeros(2, 3, 4))
+
+
+# --------------------------------------------------------------------------------------
+# direction_loss
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wkind", ["uniform", "random"])
+@pytest.mark.parametrize("n,d", list(itertools.product(NS, DS)))
+def test_direction_loss_matches_reference(n, d, wkind, dtype):
+    s, t, _, w = make_inputs(n, d, 3, dtype, weights=wkind)
+    s.requires_grad_()
+    t.requires_grad_()
+    w.requires_grad_()
+    out = direction_loss(s, t, w)
+    assert out.dim() == 0 and out.dtype == torch.float32
+    s64 = s.detach().double().requires_grad_()
+    ref = ref_direction(s64, t.detach(), w.detach())
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    out.backward()
+    ref.backward()
+    assert t.grad is None and w.grad is None
+    assert s.grad is not None and s.grad.dtype == dtype and s.grad.shape == (n, d)
+    torch.testing.assert_close(s.grad.double(), s64.grad, **tols(dtype))
+
+
+def test_direction_loss_is_two_minus_two_cos():
+    s, t, _, w = make_inputs(9, 16, 3, torch.float64)
+    cos = (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))
+    expected = (w * (2 - 2 * cos)).sum()
+    torch.testing.assert_close(direction_loss(s, t, w), expected, rtol=1e-10, atol=1e-10)
+    # scale invariance in both arguments
+    torch.testing.assert_close(direction_loss(5 * s, 0.1 * t, w), expected, rtol=1e-10,
+                               atol=1e-10)
+
+
+def test_direction_loss_zero_rows_are_finite():
+    s = torch.zeros(2, 4, requires_grad=True)
+    t = torch.randn(2, 4)
+    out = direction_loss(s, t, torch.ones(2))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(s.grad).all()
+
+
+def test_direction_loss_empty_is_connected_zero():
+    s = torch.randn(0, 8, requires_grad=True)
+    out = direction_loss(s, torch.randn(0, 8), torch.ones(0))
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+    assert s.grad is not None and s.grad.shape == (0, 8)
+
+
+def test_direction_loss_validation():
+    with pytest.raises(ValueError):
+        direction_loss(torch.zeros(3, 4), torch.zeros(3, 5), torch.ones(3))
+    with pytest.raises(ValueError):
+        direction_loss(torch.zeros(3, 4), torch.zeros(3, 4), torch.ones(2))
+    with pytest.raises(ValueError):
+        direction_loss(torch.zeros(3, 4, 1), torch.zeros(3, 4, 1), torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------
+# distribution_loss: values
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunk", CHUNKS)
+@pytest.mark.parametrize("n,d,v", list(itertools.product(NS, DS, VS)))
+def test_distribution_loss_matches_reference(n, d, v, chunk, reverse):
+    for dtype, T, wkind in itertools.product(
+        [torch.float32, torch.bfloat16], [1.0, 2.5], ["uniform", "random"]
+    ):
+        s, t, E, w = make_inputs(n, d, v, dtype, weights=wkind)
+        out = distribution_loss(s, t, E, w, temperature=T, reverse=reverse, chunk_size=chunk)
+        assert out.dim() == 0 and out.dtype == torch.float32
+        ref = ref_distribution(s, t, E, w, T, reverse)
+        # inputs (bf16 too) are exact in fp32, so fp32-math tolerances apply to the value
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5,
+                                   msg=f"dtype={dtype} T={T} w={wkind}")
+
+
+def test_distribution_loss_properties():
+    s, t, E, w = make_inputs(7, 16, 37)
+    for rev, c in itertools.product([False, True], [None, 3]):
+        # KL(P||P) == 0 and KL >= 0
+        same = distribution_loss(t, t, E, w, reverse=rev, chunk_size=c)
+        assert abs(same.item()) < 1e-5
+        assert distribution_loss(s, t, E, w, reverse=rev, chunk_size=c).item() > 0
+    # forward and reverse differ in general
+    a = distribution_loss(s, t, E, w, reverse=False, chunk_size=3)
+    b = distribution_loss(s, t, E, w, reverse=True, chunk_size=3)
+    assert not torch.isclose(a, b)
+
+
+def test_distribution_loss_ignores_autocast():
+    s, t, E, w = make_inputs(13, 16, 101)
+    ref = ref_distribution(s, t, E, w, 1.0, False)
+    for c in [None, 5]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = distribution_loss(s, t, E, w, chunk_size=c)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# distribution_loss: gradients
+# --------------------------------------------------------------------------------------
+
+
+def _grads(s, t, E, w, *, vocab_grad=True, **kw):
+    s = s.clone().requires_grad_()
+    E = E.clone().requires_grad_(vocab_grad)
+    t = t.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    out = distribution_loss(s, t, E, w, **kw)
+    (out * 0.37).backward()  # non-unit grad_output: backward must scale
+    assert t.grad is None, "target must get no gradient"
+    assert w.grad is None, "weights must get no gradient"
+    if not vocab_grad:
+        assert E.grad is None
+    return out.detach(), s.grad, E.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n", NS)
+def test_chunked_gradients_equal_unchunked(n, reverse, dtype):
+    d, v, T = 16, 37, 1.7
+    s, t, E, w = make_inputs(n, d, v, dtype)
+    _, gs_ref, ge_ref = _grads(s, t, E, w, temperature=T, reverse=reverse, chunk_size=None)
+    # float64 reference gradients from the independent implementation
+    s64 = s.double().requires_grad_()
+    E64 = E.double().requires_grad_()
+    (ref_distribution(s64, t, E64, w, T, reverse) * 0.37).backward()
+    torch.testing.assert_close(gs_ref.double(), s64.grad, **tols(dtype))
+    torch.testing.assert_close(ge_ref.double(), E64.grad, **tols(dtype))
+    for chunk in [1, 3, 5]:
+        _, gs, ge = _grads(s, t, E, w, temperature=T, reverse=reverse, chunk_size=chunk)
+        assert gs.dtype == dtype and ge.dtype == dtype
+        assert gs.shape == (n, d) and ge.shape == (v, d)
+        torch.testing.assert_close(gs, gs_ref, **tols(dtype))
+        torch.testing.assert_close(ge, ge_ref, **tols(dtype))
+        torch.testing.assert_close(ge.double(), E64.grad, **tols(dtype))
+
+
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_vocab_without_requires_grad_gets_none(chunk):
+    s, t, E, w = make_inputs(7, 5, 11)
+    _, gs, ge = _grads(s, t, E, w, vocab_grad=False, chunk_size=chunk)
+    assert gs is not None and ge is None
+    _, gs_full, _ = _grads(s, t, E, w, vocab_grad=True, chunk_size=chunk)
+    torch.testing.assert_close(gs, gs_full)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_gradcheck_chunked_function_float64(reverse):
+    s, t, E, w = make_inputs(5, 4, 7, torch.float64)
+    s.requires_grad_()
+    E.requires_grad_()
+    kw = dict(temperature=1.3, reverse=reverse, chunk_size=2)
+
+    # P is a constant by design, also wrt E, so a finite difference in E would see P move.
+    # (1) wrt student with a random target (E requires grad, so the E-gradient path runs).
+    assert torch.autograd.gradcheck(lambda s_: distribution_loss(s_, t, E, w, **kw), (s,),
+                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    # (2) wrt student and E with a zero target: P is uniform whatever E is.
+    t0 = torch.zeros_like(t)
+    assert torch.autograd.gradcheck(lambda s_, E_: distribution_loss(s_, t0, E_, w, **kw),
+                                    (s, E), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 3])
+@pytest.mark.parametrize("vocab_grad", [False, True])
+def test_distribution_loss_empty_is_connected_zero(chunk, vocab_grad):
+    s = torch.randn(0, 8, requires_grad=True)
+    E = torch.randn(11, 8, requires_grad=vocab_grad)
+    out = distribution_loss(s, torch.randn(0, 8), E, torch.ones(0), chunk_size=chunk)
+    assert out.item() == 0.0 and out.requires_grad
+    out.backward()
+    assert s.grad is not None and s.grad.shape == (0, 8)
+    if vocab_grad:
+        assert E.grad is not None and torch.count_nonzero(E.grad) == 0
+    else:
+        assert E.grad is None
+
+
+def test_no_grad_mode_returns_plain_value():
+    s, t, E, w = make_inputs(7, 5, 11)
+    s.requires_grad_()
+    E.requires_grad_()
+    with torch.no_grad():
+        out = distribution_loss(s, t, E, w, chunk_size=3)
+    assert not out.requires_grad
+    torch.testing.assert_close(out, distribution_loss(s, t, E, w).detach())
+
+
+def test_distribution_loss_validation():
+    s, t, E, w = make_inputs(4, 5, 11)
+    bad = [
+        dict(target=torch.zeros(4, 6)),
+        dict(vocab=torch.zeros(11, 6)),
+        dict(vocab=torch.zeros(0, 5)),
+        dict(weights=torch.ones(3)),
+        dict(student=torch.zeros(4, 5, 1), target=torch.zeros(4, 5, 1)),
+    ]
+    for override in bad:
+        args = dict(student=s, target=t, vocab=E, weights=w)
+        args.update(override)
+        with pytest.raises(ValueError):
+            distribution_loss(args["student"], args["target"], args["vocab"], args["weights"])
+    for kw in [dict(temperature=0.0), dict(temperature=-1.0), dict(chunk_size=0),
+               dict(chunk_size=2.5), dict(chunk_size=True)]:
+        with pytest.raises(ValueError):
+            distribution_loss(s, t, E, w, **kw)
+
+
+# --------------------------------------------------------------------------------------
+# distribution_loss: memory behaviour (no timing)
+# --------------------------------------------------------------------------------------
+
+
+_MM_OPS = {"mm", "addmm", "addmm_", "bmm", "matmul", "baddbmm"}
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the largest numel of any tensor an op produces, and counts matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel = 0
+        self.mm_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in _MM_OPS:
+            self.mm_calls += 1
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor):
+                self.max_numel = max(self.max_numel, o.numel())
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("chunk", [4, 5])
+def test_chunked_path_never_materialises_full_logits(chunk, reverse, dtype):
+    n, d, v = 64, 8, 50  # N*V = 3200 dwarfs chunk*V (<= 250), V*d (400) and N*d (512)
+    s, t, E, w = make_inputs(n, d, v, dtype)
+    # Tensors of input size (student/grad: N*d; vocab/its fp32 copy/grad: V*d) are allowed.
+    bound = max(chunk * v, v * d, n * d)
+    assert n * v > bound
+
+    def run(chunk_size):
+        s_ = s.clone().requires_grad_()
+        E_ = E.clone().requires_grad_()
+        fwd, bwd = _Recorder(), _Recorder()
+        with fwd:
+            out = distribution_loss(s_, t, E_, w, reverse=reverse, chunk_size=chunk_size)
+        with bwd:
+            out.backward()
+        return fwd, bwd
+
+    fwd, bwd = run(chunk)
+    assert fwd.max_numel <= bound, (fwd.max_numel, bound)
+    assert bwd.max_numel <= bound, (bwd.max_numel, bound)
+    n_chunks = math.ceil(n / chunk)
+    # gradients are computed in the forward: 4 matmuls per chunk, none in the backward
+    assert fwd.mm_calls == 4 * n_chunks
+    assert bwd.mm_calls == 0
+
+    fwd_ref, bwd_ref = run(None)  # the unchunked reference does hold N x V logits
+    assert fwd_ref.max_numel >= n * v
+    assert bwd_ref.max_numel >= n * v
+
+
+def test_chunked_path_skips_gradient_work_when_not_needed():
+    n, d, v, chunk = 13, 5, 11, 3
+    s, t, E, w = make_inputs(n, d, v)
+    n_chunks = math.ceil(n / chunk)
+    for s_grad, e_grad, grad_mode, expected in [
+        (True, True, True, 4),
+        (True, False, True, 3),
+        (False, True, True, 3),
+        (True, True, False, 2),
+        (False, False, True, 2),
+    ]:
+        rec = _Recorder()
+        s_ = s.clone().requires_grad_(s_grad)
+        E_ = E.clone().requires_grad_(e_grad)
+        with torch.set_grad_enabled(grad_mode), rec:
+            distribution_loss(s_, t, E_, w, chunk_size=chunk)
+        assert rec.mm_calls == expected * n_chunks, (s_grad, e_grad, grad_mode)
