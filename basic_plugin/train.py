@@ -5,9 +5,21 @@ plugins (``--basic True`` for BASIC). Use it where flash-attn is absent, e.g. on
 """
 from __future__ import annotations
 
+UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
+
+
+def explain_unknown_flags(error: ValueError) -> str:
+    """LLaVA's parser only says flags were unused; say which plugin would have taken them."""
+    from basic_plugin.plugins import ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names
+
+    blocked = sorted(blocked_names() & set(available_entry_points()))
+    hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
+            "while they are blocked." if blocked else " No installed plugin defines them (see `basic-llava doctor`).")
+    return f"basic-llava: unknown training flags. {error}.{hint}"
+
 
 def main(attn_implementation: str | None = None) -> None:
-    from basic_plugin.cpu import apply_cpu_workarounds
+    from basic_plugin.cpu import apply_cpu_workarounds, finish_distributed
     from basic_plugin.integration import apply_plugin_host
     from basic_plugin.versions import require_supported_versions
 
@@ -16,7 +28,13 @@ def main(attn_implementation: str | None = None) -> None:
     apply_plugin_host()
     import llava.train.train as llava_train
 
-    llava_train.train(attn_implementation=attn_implementation)
+    try:
+        llava_train.train(attn_implementation=attn_implementation)
+    except ValueError as error:
+        if UNUSED_ARGS in str(error):
+            raise SystemExit(explain_unknown_flags(error)) from None
+        raise
+    finish_distributed()
 
 
 if __name__ == "__main__":

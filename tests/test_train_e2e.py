@@ -1,0 +1,132 @@
+"""LLaVA's real ``train()`` through the plugin host, with and without DeepSpeed, on the tiny model."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from basic_plugin.tiny import tiny_train_args
+from tests.helpers import REPO_ROOT, all_finite, run_training
+
+HOST = "basic_plugin.train"
+SEEDED_HOST = "tests._host_train"
+VANILLA = "tests._vanilla_train"
+
+
+def args_for(tiny_llava, data, out, **kw):
+    json_path, images = data
+    return tiny_train_args(tiny_llava, json_path, images, out, **kw)
+
+
+def logged(run, key):
+    return [e[key] for e in run["log_history"] if "loss" in e and key in e]
+
+
+def assert_loss_is_sum_of_terms(run, terms):
+    for entry in (e for e in run["log_history"] if "loss" in e):
+        total = entry["lm_loss"] + sum(entry[t] for t in terms)
+        assert entry["loss"] == pytest.approx(total, abs=2e-4), entry  # Trainer rounds loss to 4 places
+
+
+def load_bin(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_without_plugin_flags_training_is_vanilla_llava(tiny_llava, tiny_data_plain, tiny_data_v1, tmp_path, stage):
+    data = tiny_data_plain if stage == "pretrain" else tiny_data_v1
+    vanilla = run_training(VANILLA, args_for(tiny_llava, data, tmp_path / "vanilla", stage=stage, max_steps=3),
+                           output_dir=tmp_path / "vanilla")
+    host = run_training(SEEDED_HOST, args_for(tiny_llava, data, tmp_path / "host", stage=stage, max_steps=3),
+                        output_dir=tmp_path / "host")
+    assert len(vanilla["losses"]) == 3 and vanilla["losses"] == host["losses"]
+    if stage == "pretrain":
+        a, b = load_bin(tmp_path / "vanilla" / "mm_projector.bin"), load_bin(tmp_path / "host" / "mm_projector.bin")
+        assert sorted(a) == sorted(b) and all(k.startswith("model.mm_projector.") for k in a)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    else:
+        assert json.loads((tmp_path / "vanilla" / "config.json").read_text()) == \
+            json.loads((tmp_path / "host" / "config.json").read_text())
+
+
+def test_basic_pretrain_zero2_two_ranks(tiny_llava, tiny_data_plain, tmp_path):
+    out = tmp_path / "run"
+    run = run_training(HOST, args_for(tiny_llava, tiny_data_plain, out, stage="pretrain", max_steps=3,
+                                      deepspeed_config="zero2", extra=["--basic", "True"]),
+                       output_dir=out, deepspeed_ranks=2)
+    assert all_finite(run["losses"]) and len(run["losses"]) == 3
+    for key in ("lm_loss", "basic_das", "basic_sds", "basic_cos", "basic_weight_mass"):
+        assert len(logged(run, key)) == 3, key
+    assert all(v > 0 for v in logged(run, "basic_das"))
+    assert_loss_is_sum_of_terms(run, ["basic_das", "basic_sds"])
+    weights = load_bin(out / "mm_projector.bin")
+    assert weights and all(k.startswith("model.mm_projector.") for k in weights)
+    config = json.loads((out / "config.json").read_text())
+    assert not [k for k in config if "basic" in k or "plugin" in k]
+
+
+def test_basic_finetune_zero3_two_ranks_with_text_only_samples(tiny_llava, tiny_data_v1, tmp_path):
+    out = tmp_path / "run"
+    run = run_training(HOST, args_for(tiny_llava, tiny_data_v1, out, stage="finetune", max_steps=3,
+                                      deepspeed_config="zero3", gradient_checkpointing=True,
+                                      extra=["--basic", "True", "--basic_lambda_sds", "0.5"]),
+                       output_dir=out, deepspeed_ranks=2)
+    assert all_finite(run["losses"]) and len(logged(run, "basic_sds")) == 3
+    assert all(v > 0 for v in logged(run, "basic_sds"))
+    assert_loss_is_sum_of_terms(run, ["basic_das", "basic_sds"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlavaLlamaForCausalLM"]
+    assert not [k for k in config if "basic" in k or "plugin" in k]
+    assert any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
+
+
+def test_basic_lora_finetune_zero2(tiny_llava, tiny_data_v1, tmp_path):
+    out = tmp_path / "run"
+    run = run_training(HOST, args_for(tiny_llava, tiny_data_v1, out, stage="finetune", max_steps=2, lora=True,
+                                      deepspeed_config="zero2", extra=["--basic", "True"]),
+                       output_dir=out, deepspeed_ranks=1)
+    assert all_finite(run["losses"]) and len(logged(run, "basic_das")) == 2
+    assert (out / "adapter_model.safetensors").exists() or (out / "adapter_model.bin").exists()
+    assert (out / "non_lora_trainables.bin").exists()
+
+
+@pytest.fixture
+def toy_plugin_env(tmp_path):
+    """Install tests/toy_llava_plugin.py as a real distribution with a ``llava`` entry point."""
+    site = tmp_path / "site"
+    info = site / "toy_llava_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}
+
+
+def test_a_third_party_plugin_trains_through_its_entry_point(tiny_llava, tiny_data_plain, tmp_path, toy_plugin_env):
+    out = tmp_path / "run"
+    run = run_training(HOST, args_for(tiny_llava, tiny_data_plain, out, stage="pretrain", max_steps=2,
+                                      extra=["--toy_weight", "0.25"]),
+                       output_dir=out, env=toy_plugin_env)
+    toy = logged(run, "toy")  # llava_auxiliary_losses: added and logged
+    assert len(toy) == 2 and all(v > 0 for v in toy)
+    assert_loss_is_sum_of_terms(run, ["toy"])
+    assert logged(run, "toy_calls") == [1.0, 2.0]  # llava_log_metrics: one forward per step so far
+    assert "basic_das" not in run["log_history"][0]  # BASIC installed but off
+
+
+def test_plugin_validation_fails_before_anything_is_written(tiny_llava, tiny_data_plain, tmp_path, toy_plugin_env):
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError) as failure:  # llava_validate_arguments refuses it
+        run_training(HOST, args_for(tiny_llava, tiny_data_plain, out, stage="pretrain", max_steps=1,
+                                    extra=["--toy_weight", "-1"]), output_dir=out, env=toy_plugin_env)
+    assert "--toy_weight -1.0 is invalid" in str(failure.value)
+    assert "Loading checkpoint" not in str(failure.value) and not out.exists()
+
+
+def test_blocked_plugin_flag_is_refused_clearly(tiny_llava, tiny_data_plain, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(AssertionError) as failure:
+        run_training(HOST, args_for(tiny_llava, tiny_data_plain, out, stage="pretrain", max_steps=1,
+                                    extra=["--basic", "True"]), output_dir=out, env={"LLAVA_PLUGINS_BLOCK": "basic"})
+    assert "--basic" in str(failure.value) and "blocked" in str(failure.value)
+    assert not out.exists()
