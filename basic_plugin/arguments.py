@@ -28,6 +28,9 @@ class HostArguments:
     plugin_max_nonfinite_steps: int = dataclasses.field(default=20, metadata={
         "help": "Stop (saving a checkpoint) after this many consecutive steps whose plugin loss terms were "
                 "NaN/inf or whose image rows did not check out; such steps train on the LM loss alone."})
+    seed_model_init: bool = dataclasses.field(default=False, metadata={
+        "help": "Seed with --seed before the model is built, so the new projector starts the same in every run "
+                "(LLaVA builds it before the Trainer seeds anything: baseline and BASIC runs start apart)."})
 
 
 def plugin_argument_classes() -> list[type]:
@@ -90,6 +93,10 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
         model_args, data_args = _parsed.pop("model", None), _parsed.pop("data", None)
         host_checks(model_args, data_args, self)
         pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
+        if self.seed_model_init:
+            import transformers
+
+            transformers.set_seed(self.seed)
 
     cls = dataclasses.make_dataclass(
         CLASS_NAME, new_fields, bases=(base,), namespace={"__post_init__": __post_init__}

@@ -19,12 +19,14 @@ def explain_unknown_flags(error: ValueError) -> str:
 
 
 def main(attn_implementation: str | None = None) -> None:
+    from basic_plugin.compat import allow_checkpoint_rng_states
     from basic_plugin.cpu import apply_cpu_workarounds, finish_distributed
     from basic_plugin.integration import apply_plugin_host
     from basic_plugin.versions import require_supported_versions
 
     require_supported_versions()
     apply_cpu_workarounds()
+    allow_checkpoint_rng_states()
     apply_plugin_host()
     import llava.train.train as llava_train
 

@@ -52,6 +52,17 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             self.plugin_stop_reason = None
             self.add_callback(PluginStopCallback(self))
 
+        def create_optimizer(self):
+            """LLaVA's parameter groups without the empty ones.
+
+            With LoRA and ``--mm_projector_lr`` (LLaVA's finetune_lora.sh) one group is
+            empty; DeepSpeed drops it after the LR scheduler has counted it, and the first
+            scheduler step fails. Dropping it here keeps both in step.
+            """
+            optimizer = super().create_optimizer()
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+            return optimizer
+
         def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
             if self._plugin_model is not None:
                 self._plugin_model.plugin_terms = {}

@@ -26,25 +26,30 @@ def llava_validate_arguments(model_args, data_args, training_args):
     aspect = getattr(data_args, "image_aspect_ratio", "square")
     if aspect not in ("square", "pad"):
         raise ValueError(f"--basic supports --image_aspect_ratio square|pad (LLaVA-1.5); got {aspect!r}")
-    model_type = checkpoint_model_type(getattr(model_args, "model_name_or_path", None))
+    config = checkpoint_config(getattr(model_args, "model_name_or_path", None))
+    model_type = config.get("model_type")
     if model_type is not None and model_type not in SUPPORTED_CHECKPOINT_TYPES:
         raise ValueError(f"--basic supports Llama and Mistral LLMs ({', '.join(SUPPORTED_MODEL_TYPES)}); "
                          f"--model_name_or_path is a {model_type!r} checkpoint")
+    layers = config.get("num_hidden_layers")
+    if layers and training_args.basic_depth is not None and training_args.basic_depth > layers:
+        raise ValueError(f"--basic_depth {training_args.basic_depth} is out of range; allowed: 1..{layers} "
+                         "for this LLM")
 
 
 SUPPORTED_CHECKPOINT_TYPES = ("llama", "mistral", "llava_llama", "llava_mistral", "llava")
 
 
-def checkpoint_model_type(path) -> str | None:
-    """``model_type`` from a local checkpoint's config.json, without loading anything else."""
+def checkpoint_config(path) -> dict:
+    """A local checkpoint's config.json (empty when it is not a local folder), loading nothing else."""
     import json
     import os
 
     config = os.path.join(str(path), "config.json") if path else None
     if not config or not os.path.isfile(config):
-        return None
+        return {}
     with open(config, encoding="utf-8") as f:
-        return json.load(f).get("model_type")
+        return json.load(f)
 
 
 def supported_model(model) -> bool:

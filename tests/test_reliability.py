@@ -1,0 +1,318 @@
+"""Long runs that never fail late: early refusals, bad data, mixed ranks, resume, compatibility, security."""
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from basic_plugin.tiny import tiny_train_args, write_tiny_dataset
+from tests.helpers import REPO_ROOT, all_finite, run_training, training_command, training_env
+
+HOST = "basic_plugin.train"
+
+
+# ---------------------------------------------------------------- 1. fail early, write nothing
+@pytest.fixture
+def host_parser():
+    """The parser LLaVA's train() builds, with the host's argument classes (no model is loaded)."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.integration import apply_plugin_host, remove_plugin_host
+
+    apply_plugin_host()
+    yield transformers.HfArgumentParser(
+        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
+    remove_plugin_host()
+
+
+def parse(parser, tiny_llava, out, *extra, stage="pretrain"):
+    args = tiny_train_args(tiny_llava, "data.json", "images", out, stage=stage, extra=["--basic", "True", *extra])
+    return parser.parse_args_into_dataclasses(args)
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--basic_depth", "0"], "--basic_depth 0 is invalid"),
+    (["--basic_depth", "5"], "--basic_depth 5 is out of range; allowed: 1..4"),
+    (["--basic_lambda_das", "-0.5"], "--basic_lambda_das -0.5 is invalid"),
+    (["--basic_lambda_sds", "-1"], "--basic_lambda_sds -1.0 is invalid"),
+    (["--mm_patch_merge_type", "spatial_unpad"], "--mm_patch_merge_type flat"),
+    (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio square|pad"),
+    (["--mm_use_im_start_end", "True"], "--tune_mm_mlp_adapter True with --mm_use_im_start_end True"),
+    (["--plugin_max_nonfinite_steps", "0"], "--plugin_max_nonfinite_steps 0 is invalid"),
+])
+def test_invalid_settings_are_refused_while_parsing(host_parser, tiny_llava, tmp_path, extra, message):
+    out = tmp_path / "out"
+    with pytest.raises(ValueError) as error:
+        parse(host_parser, tiny_llava, out, *extra)
+    assert message in str(error.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", [("basic_vocab", "logits"), ("basic_patch_weights", "max"),
+                                         ("basic_kl", "js")])
+def test_unknown_choices_name_the_flag_and_the_choices(host_parser, tiny_llava, tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit):
+        parse(host_parser, tiny_llava, tmp_path / "out", f"--{flag}", value)
+    err = capsys.readouterr().err
+    assert f"--{flag}" in err and "invalid choice" in err
+
+
+def test_unsupported_model_type_is_refused_before_loading(host_parser, tiny_llava, tmp_path):
+    lm = tmp_path / "gpt2-like"
+    lm.mkdir()
+    (lm / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    paths = dict(tiny_llava, lm=lm)
+    with pytest.raises(ValueError, match="'gpt2' checkpoint"):
+        parse(host_parser, paths, tmp_path / "out")
+
+
+def test_pretraining_into_a_folder_with_checkpoints_is_refused(host_parser, tiny_llava, tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-100").mkdir(parents=True)
+    with pytest.raises(ValueError, match="projector pretraining checkpoints hold only mm_projector.bin"):
+        parse(host_parser, tiny_llava, out)
+
+
+@pytest.mark.parametrize("package,found,message", [
+    ("transformers", "4.46.0", "transformers 4.37.x"), ("peft", "0.14.0", "peft >= 0.14 breaks"),
+    ("accelerate", "0.28.0", "accelerate 0.29-0.34"), ("llava-torch", None, "llava (missing)")])
+def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message):
+    from basic_plugin import versions
+
+    real = versions._version
+    monkeypatch.setattr(versions, "_version", lambda dist: found if dist in (package, "llava") else real(dist))
+    with pytest.raises(SystemExit) as error:
+        versions.require_supported_versions()
+    assert message in str(error.value)
+
+
+# ---------------------------------------------------------------- 2. bad data never crashes
+def test_truncation_through_the_image_block_keeps_training(tiny_llava, tmp_path):
+    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+
+    model = ready(make_model(tiny_llava, max_length=12))  # cuts the image blocks (16 rows each)
+    out = model(**make_batch(BATCH))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.plugin_skipped is None
+    assert all(torch.isfinite(v) for v in model.plugin_terms.values())
+
+
+def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava, monkeypatch):
+    from basic_plugin import forward
+    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+
+    real = forward.image_token_positions
+
+    def off_by_one(*args, **kwargs):  # as if LLaVA spliced differently than re-derived
+        pos = real(*args, **kwargs)
+        pos.seq_index = pos.seq_index + 1
+        return pos
+
+    monkeypatch.setattr(forward, "image_token_positions", off_by_one)
+    model = ready(make_model(tiny_llava))
+    out = model(**make_batch(BATCH))
+    assert model.plugin_skipped == "image_rows"
+    assert model.plugin_terms["basic_das"].item() == 0.0
+    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+
+
+def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
+    from basic_plugin.basic import plugin as basic
+    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+
+    real = basic.basic_terms
+
+    def poisoned(*args, **kwargs):
+        losses, metrics = real(*args, **kwargs)
+        return {**losses, "basic_sds": losses["basic_sds"] * float("nan")}, metrics
+
+    monkeypatch.setattr(basic, "basic_terms", poisoned)
+    model = ready(make_model(tiny_llava))
+    out = model(**make_batch(BATCH))
+    assert model.plugin_skipped == "nonfinite" and torch.isfinite(out.loss)
+    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.fixture
+def toy_env(tmp_path):
+    site = tmp_path / "site"
+    info = site / "toy_llava_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}
+
+
+def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tiny_llava, tiny_data_v1, tmp_path, toy_env):
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=6,
+                           extra=["--toy_weight", "nan", "--plugin_max_nonfinite_steps", "2"])
+    with pytest.raises(AssertionError) as failure:
+        run_training(HOST, args, output_dir=out, env=toy_env)
+    text = str(failure.value)
+    assert "stopped the run at step 2" in text and "2 consecutive steps" in text
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    assert all(e.get("plugin_skipped_steps") in (1, 2) for e in state["log_history"] if "loss" in e)
+    assert all_finite(e["loss"] for e in state["log_history"] if "loss" in e)
+
+
+# ---------------------------------------------------------------- 3. mixed ranks never hang
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_one_rank_with_images_one_without_never_hangs(tiny_llava, tmp_path, zero):
+    # 4 records, 1 with an image; 2 ranks x batch 1 x 2 steps use each record once, so at one
+    # step one rank has the image and the other has none.
+    data = write_tiny_dataset(tmp_path / "data", n=4, template="v1", text_only=3, seed=3)
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_llava, *data, out, stage="finetune", max_steps=2, batch=1, deepspeed_config=zero,
+                           extra=["--basic", "True", "--group_by_modality_length", "False"])
+    run = run_training(HOST, args, output_dir=out, deepspeed_ranks=2, timeout=240)  # the watchdog
+    assert all_finite(run["losses"]) and len(run["losses"]) == 2
+    assert sum(e["basic_image_samples"] for e in run["log_history"] if "loss" in e) > 0
+
+
+# ---------------------------------------------------------------- 4. resume
+def test_killed_finetune_resumes_on_the_same_trajectory(tiny_llava, tiny_data_v1, tmp_path):
+    def args(out):
+        return tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=8, batch=2,
+                               extra=["--basic", "True", "--save_strategy", "steps", "--save_steps", "3",
+                                      "--basic_lambda_sds", "0.5", "--seed_model_init", "True"])
+
+    whole = run_training(HOST, args(tmp_path / "whole"), output_dir=tmp_path / "whole")
+    out = tmp_path / "killed"
+    cmd = training_command(HOST, args(out))
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=training_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (out / "checkpoint-3" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint-3 before the run ended"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trainer_state.json").exists()  # it really did not finish
+    resumed = run_training(HOST, args(out), output_dir=out)  # LLaVA resumes from checkpoint-* by itself
+    start = max(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if p.name != "checkpoint-8")
+    after = {e["step"]: e for e in resumed["log_history"] if "loss" in e and e["step"] > start}
+    reference = {e["step"]: e for e in whole["log_history"] if "loss" in e and e["step"] > start}
+    assert after.keys() == reference.keys() and len(after) >= 2
+    before = [e["loss"] for e in resumed["log_history"] if "loss" in e and e["step"] <= start]
+    assert before == [e["loss"] for e in whole["log_history"] if "loss" in e and e["step"] <= start]
+    for step in after:
+        for key in ("loss", "lm_loss", "basic_das", "basic_sds"):
+            assert after[step][key] == pytest.approx(reference[step][key], rel=1e-3, abs=1e-4), (step, key)
+
+
+# ---------------------------------------------------------------- 5. compatibility with vanilla LLaVA
+def test_basic_projector_loads_in_vanilla_finetune(tiny_llava, tiny_data_plain, tiny_data_v1, tmp_path):
+    pre = tmp_path / "pretrain"
+    run_training(HOST, tiny_train_args(tiny_llava, *tiny_data_plain, pre, stage="pretrain", max_steps=2,
+                                       extra=["--basic", "True"]), output_dir=pre)
+    ft = tmp_path / "vanilla-finetune"
+    run = run_training("tests._vanilla_train", tiny_train_args(
+        tiny_llava, *tiny_data_v1, ft, stage="finetune", max_steps=1,
+        pretrain_mm_mlp_adapter=pre / "mm_projector.bin"), output_dir=ft)
+    assert all_finite(run["losses"])
+    projector = torch.load(pre / "mm_projector.bin", weights_only=True)
+    loaded = torch.load(ft / "pytorch_model.bin", weights_only=True) if (ft / "pytorch_model.bin").exists() else None
+    assert projector and all(k.startswith("model.mm_projector.") for k in projector)
+    assert loaded is None or set(projector) <= set(loaded)
+
+
+def test_finished_basic_model_loads_and_generates_with_llava_code(tiny_llava, tiny_data_v1, tmp_path):
+    out = tmp_path / "llava-tiny-basic"  # LLaVA's loader keys on 'llava' in the name
+    run_training(HOST, tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=1,
+                                       extra=["--basic", "True"]), output_dir=out)
+    config = json.loads((out / "config.json").read_text())
+    assert not [k for k in config if re.search("basic|plugin", k)]
+    assert config["architectures"] == ["LlavaLlamaForCausalLM"]
+    from llava.mm_utils import tokenizer_image_token
+    from llava.model.builder import load_pretrained_model
+
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), None, "llava-tiny-basic", device="cpu",
+                                                           device_map=None)
+    assert type(model).__module__.startswith("llava.")  # vanilla class, no plugin needed
+    image = processor.preprocess(torch.zeros(3, 56, 56).numpy().transpose(1, 2, 0), return_tensors="pt")["pixel_values"]
+    ids = tokenizer_image_token("USER: <image>\nWhat is it? ASSISTANT:", tokenizer, return_tensors="pt")[None]
+    with torch.no_grad():
+        generated = model.generate(ids, images=image.to(model.dtype), max_new_tokens=4, do_sample=False)
+    assert generated.shape[0] == 1 and 1 <= generated.shape[1] <= 4 + ids.shape[1]
+
+
+# ---------------------------------------------------------------- 6. security
+def test_every_torch_load_in_the_project_is_weights_only():
+    offenders = []
+    for path in (REPO_ROOT / "basic_plugin").rglob("*.py"):
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if "torch.load(" in line and "weights_only=True" not in line:
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{n}")
+    assert not offenders
+
+
+def test_plugins_load_only_from_entry_points():
+    import basic_plugin.plugins as plugins
+
+    source = Path(plugins.__file__).read_text(encoding="utf-8")
+    assert "entry_points(group=ENTRY_POINT_GROUP)" in source
+    assert "import_module" not in source and "__import__" not in source and "exec(" not in source
+
+
+def test_training_touches_no_network(tiny_llava, tiny_data_plain, tmp_path):
+    guard = tmp_path / "guard"
+    guard.mkdir()
+    (guard / "sitecustomize.py").write_text(
+        "import ipaddress, socket\n"
+        "_connect = socket.socket.connect\n"
+        "def connect(self, address):\n"
+        "    host = address[0] if isinstance(address, tuple) else None\n"
+        "    if host is not None:\n"
+        "        try:\n"
+        "            ok = ipaddress.ip_address(host).is_loopback\n"
+        "        except ValueError:\n"
+        "            ok = host == 'localhost'\n"
+        "        if not ok:\n"
+        "            raise RuntimeError(f'network access to {address} attempted')\n"
+        "    return _connect(self, address)\n"
+        "socket.socket.connect = connect\n"
+        "_getaddrinfo = socket.getaddrinfo\n"
+        "def getaddrinfo(host, *a, **k):\n"
+        "    if host not in (None, 'localhost', '127.0.0.1', '::1') and not str(host).startswith('127.'):\n"
+        "        raise RuntimeError(f'name lookup of {host} attempted')\n"
+        "    return _getaddrinfo(host, *a, **k)\n"
+        "socket.getaddrinfo = getaddrinfo\n")
+    out = tmp_path / "run"
+    run = run_training(HOST, tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=1,
+                                             deepspeed_config="zero2", extra=["--basic", "True"]),
+                       output_dir=out, deepspeed_ranks=1,
+                       env={"PYTHONPATH": os.pathsep.join([str(guard), str(REPO_ROOT)])})
+    assert all_finite(run["losses"]) and "attempted" not in run["output"]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"conversations": []}, "missing key 'id'"),
+    ({"id": 1, "image": "../../etc/passwd", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                              {"from": "gpt", "value": "x"}]}, "outside the image folder"),
+    ({"id": 1, "image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                         {"from": "gpt", "value": "x"}]}, "does not exist"),
+    ({"id": 1, "conversations": [{"from": "gpt", "value": "x"}]}, "should come from 'human'"),
+    ({"id": 1, "conversations": [{"from": "human", "value": "<image>\nhi"}]}, "tag without an 'image' key"),
+])
+def test_records_are_validated_with_clear_errors(tmp_path, record, message):
+    from basic_plugin.records import RecordError, validate_records
+
+    with pytest.raises(RecordError, match=re.escape(message)):
+        validate_records([record], tmp_path)
+
+
+def test_the_tiny_datasets_pass_validation(tiny_data_plain, tiny_data_v1):
+    from basic_plugin.records import load_records
+
+    assert len(load_records(*tiny_data_plain)) == 16 and len(load_records(*tiny_data_v1)) == 16
