@@ -45,6 +45,24 @@ def train(args) -> int:
     return 0
 
 
+#: subcommands that hand their own arguments to ``<module>.main(argv)``
+JOBS = {
+    "assets": ("basic_plugin.assets.install", "install and convert the real pretrained parts (offline cache)"),
+    "data": ("basic_plugin.demo.data", "build the demo's LLaVA-format datasets from packaged images"),
+    "demo": ("basic_plugin.demo.run", "the CPU demo: baseline vs BASIC on a real mini-LLaVA, with a report"),
+    "lens": ("basic_plugin.lens", "per-layer nearest-word analysis of image tokens for a LLaVA checkpoint"),
+    "bench": ("basic_plugin.bench", "BASIC's memory and time cost, naive vs chunked, and per training step"),
+}
+
+
+def job(args) -> int:
+    import importlib
+
+    module = importlib.import_module(JOBS[args.command][0])
+    result = module.main(args.rest)
+    return int(result or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="LLaVA's train() with plugins (same flags as llava/train/train.py)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=train)
+    for name, (_, help_text) in JOBS.items():
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(func=job)
     return parser
 
 
