@@ -63,6 +63,35 @@ def routed_llama_class(llama_cls: type, mistral_cls: type | None) -> type:
     return plugin_llama
 
 
+#: the training classes a plugin host replaces in ``llava.train.train``
+HOSTED_CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "LlavaLlamaForCausalLM",
+                  "LlavaMistralForCausalLM", "LLaVATrainer")
+
+
+def host_classes(classes: dict[str, type]) -> dict[str, type]:
+    """The host's replacements (name -> subclass) for LLaVA's training classes ``classes``.
+
+    Shared by the runtime seams below and by a patched LLaVA (``basic_plugin.native``):
+    argument classes recorded / extended with the plugin flags and validation, the model
+    classes with the plugin forward (Mistral routed), the plugin trainer.
+    """
+    base_args = classes["TrainingArguments"]
+    args_cls = build_training_arguments(base_args)
+    args_cls._llava_plugin_base = base_args
+    mistral = classes.get("LlavaMistralForCausalLM")
+    replaced = {"TrainingArguments": args_cls}
+    for name, key in (("ModelArguments", "model"), ("DataArguments", "data")):
+        if name in classes:
+            replaced[name] = recording(classes[name], key)
+    if "LlavaLlamaForCausalLM" in classes:
+        replaced["LlavaLlamaForCausalLM"] = routed_llama_class(classes["LlavaLlamaForCausalLM"], mistral)
+    if mistral is not None:
+        replaced["LlavaMistralForCausalLM"] = with_plugin_forward(mistral)
+    if "LLaVATrainer" in classes:
+        replaced["LLaVATrainer"] = plugin_trainer_class(classes["LLaVATrainer"])
+    return replaced
+
+
 def apply_plugin_host() -> None:
     """Install the seams (loading plugins first). Calling it twice changes nothing."""
     load_plugins()
@@ -71,17 +100,9 @@ def apply_plugin_host() -> None:
 
     if ("llava.train.train", "TrainingArguments") in _originals:
         return
-    base_args = llava_train.TrainingArguments
-    args_cls = build_training_arguments(base_args)
-    args_cls._llava_plugin_base = base_args
-    mistral = getattr(llava_train, "LlavaMistralForCausalLM", None)
-    _swap("llava.train.train", "ModelArguments", recording(llava_train.ModelArguments, "model"))
-    _swap("llava.train.train", "DataArguments", recording(llava_train.DataArguments, "data"))
-    _swap("llava.train.train", "TrainingArguments", args_cls)
-    _swap("llava.train.train", "LlavaLlamaForCausalLM", routed_llama_class(llava_train.LlavaLlamaForCausalLM, mistral))
-    if mistral is not None:
-        _swap("llava.train.train", "LlavaMistralForCausalLM", with_plugin_forward(mistral))
-    _swap("llava.train.train", "LLaVATrainer", plugin_trainer_class(llava_train.LLaVATrainer))
+    current = {name: getattr(llava_train, name) for name in HOSTED_CLASSES if hasattr(llava_train, name)}
+    for name, cls in host_classes(current).items():
+        _swap("llava.train.train", name, cls)
     _swap("llava.model.llava_arch", "build_vision_tower", plugin_vision_tower_builder(arch.build_vision_tower))
 
 

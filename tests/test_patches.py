@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -38,6 +39,7 @@ STEPS = 3
 
 
 def _diff_stats(text: str):
+    text = text[text.index("\ndiff --git "):]  # the diffs, not the commit message
     files = re.findall(r"^diff --git a/(\S+) b/", text, re.M)
     added = [l for l in text.splitlines() if l.startswith("+") and not l.startswith("+++")]
     removed = [l for l in text.splitlines() if l.startswith("-") and not l.startswith("---")
@@ -168,6 +170,28 @@ def test_native_module_passes_the_hosts_validation():
     assert native.native_train_classes({"TrainingArguments": hosted}) == {}
 
 
+def test_native_host_replaces_what_the_runtime_integration_swaps():
+    """``native.HOSTED_CLASSES`` = the ``llava.train.train`` globals ``apply_plugin_host`` swaps, all in the patch."""
+    from basic_plugin import integration, native
+
+    applied_before = integration.plugin_host_applied()
+    integration.apply_plugin_host()
+    try:
+        swapped = {attr for module, attr in integration._originals if module == "llava.train.train"}
+        import llava.train.train as llava_train
+
+        originals = {name: integration._originals[("llava.train.train", name)] for name in swapped}
+        replaced = native.host_classes(originals)
+        assert set(replaced) == swapped == set(native.HOSTED_CLASSES) & set(vars(llava_train))
+        for name, cls in replaced.items():
+            assert issubclass(cls, originals[name]) and cls is not originals[name], name
+    finally:
+        if not applied_before:
+            integration.remove_plugin_host()
+    patch_names = re.search(r"TRAIN_CLASSES = \(([^)]*)\)", CODE_PATCH.read_text()).group(1)
+    assert set(native.HOSTED_CLASSES) <= set(re.findall(r'"(\w+)"', patch_names))
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -200,22 +224,26 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
 
     def args(out, *extra):
         return tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=STEPS,
-                               pretrain_mm_mlp_adapter=start_projector, extra=extra)
+                               extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
 
     plan = {
         "vanilla": ("tests._vanilla_train", (), None),
         "runtime": ("basic_plugin.train", ("--basic", "True"), None),
-        "patched": ("llava.train.train", ("--basic", "True"), {"PYTHONPATH": patched}),
+        "patched": ("llava.train.train", ("--basic", "True"), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
         "patched_off": ("llava.train.train", (), {"PYTHONPATH": patched}),
         "runtime_on_patched": ("basic_plugin.train", ("--basic", "True"), {"PYTHONPATH": patched}),
         "patched_no_pluggy": ("llava.train.train", (),
                               {"PYTHONPATH": f"{nopluggy.parent}{os.pathsep}{patched_site}"}),
     }
-    results = {}
-    for name, (module, extra, env) in plan.items():
+
+    def run(name):
+        module, extra, env = plan[name]
         out = root / name
-        results[name] = run_training(module, args(out, *extra), output_dir=out, env=env)
-    return results
+        # one thread each, two runs at a time: same arithmetic in every run, half the wall time
+        return run_training(module, args(out, *extra), output_dir=out, env={**(env or {}), "OMP_NUM_THREADS": "1"})
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(plan, pool.map(run, plan)))
 
 
 def _steps(run):
@@ -224,19 +252,25 @@ def _steps(run):
 
 def test_patched_llava_with_basic_trains_like_the_runtime_integration(runs):
     patched, runtime = _steps(runs["patched"]), _steps(runs["runtime"])
-    assert [e["step"] for e in patched] == list(range(1, STEPS + 1))
+    assert [e["step"] for e in patched] == [e["step"] for e in runtime] == list(range(1, STEPS + 1))
     for ours, theirs in zip(patched, runtime):
         assert set(ours) == set(theirs)
         assert {"lm_loss", "basic_das", "basic_sds"} <= set(ours)
         assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
         assert ours["basic_das"] > 0 and ours["basic_sds"] > 0
+    # the host's hooks ran inside the patched LLaVA's own train(): BASIC asked for hidden states
+    trace = runs["patched"]["output"]
+    for hook in ("llava_model_ready", "llava_wants_hidden_states", "llava_auxiliary_losses", "llava_log_metrics"):
+        assert f"[llava-plugins] {hook} -> ['basic']" in trace, hook
     # BASIC changed training: the loss differs from vanilla LLaVA's
     assert [e["loss"] for e in patched] != runs["vanilla"]["losses"]
 
 
 def test_runtime_integration_on_a_patched_llava_does_not_double_up(runs):
-    for ours, theirs in zip(_steps(runs["runtime_on_patched"]), _steps(runs["runtime"])):
-        assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
+    steps = _steps(runs["runtime_on_patched"])
+    assert len(steps) == STEPS
+    for ours, theirs in zip(steps, _steps(runs["runtime"])):
+        assert set(ours) == set(theirs) and ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
 
 
 @pytest.mark.parametrize("name", ["patched_off", "patched_no_pluggy"])
@@ -244,6 +278,8 @@ def test_patched_llava_without_basic_is_vanilla(runs, name):
     steps = _steps(runs[name])
     assert runs[name]["losses"] == pytest.approx(runs["vanilla"]["losses"], rel=1e-6)
     assert len(steps) == STEPS and not any(k.startswith("basic_") for e in steps for k in e)
+    # the host is loaded through the patch (it logs lm_loss) unless pluggy is missing
+    assert all(("lm_loss" in e) == (name == "patched_off") for e in steps)
 
 
 def test_blocked_plugins_leave_the_patched_llava_inert(patched_site, tiny_llava, tiny_data_plain, tmp_path):

@@ -1,0 +1,59 @@
+"""The plugin host behind LLaVA's own plugin support (``patches/0001-plugin-hooks.patch``).
+
+A LLaVA with that patch loads the ``llava`` entry points itself (``llava/plugins.py``) and,
+first thing in ``train()``, asks the hook ``llava_train_classes`` which classes to train
+with. This module, registered as the ``llava`` entry point ``basic-llava``, answers with
+the classes :func:`basic_plugin.integration.apply_plugin_host` installs at runtime:
+
+- ``ModelArguments``, ``DataArguments``, ``TrainingArguments``: the last plus every field
+  of every plugin's argument dataclass (``--basic True`` and friends), all three validated
+  by the plugins while parsing;
+- ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM``: the plugin forward
+  (``llava_auxiliary_losses`` with hidden states and image positions, inside ``forward``);
+- ``LLaVATrainer``: ``llava_model_ready`` and logging of the named loss terms.
+
+So ``deepspeed llava/train/train_mem.py ... --basic True`` of a patched LLaVA trains
+exactly as ``deepspeed --module basic_plugin.train_mem ... --basic True`` does with an
+unpatched one. The vision-tower seam needs nothing here: the patched LLaVA asks
+``llava_build_vision_tower`` of the plugins itself (at inference too).
+
+When the runtime integration is already in place (``python -m basic_plugin.train`` on a
+patched LLaVA), the classes LLaVA passes are already the host's: nothing is replaced twice.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from basic_plugin.hookspecs import hookimpl
+
+from basic_plugin.integration import HOSTED_CLASSES, host_classes  # noqa: E402,F401  (one definition)
+
+
+def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
+    """Answer of the patched LLaVA's ``llava_train_classes``: {} when the classes are already the host's.
+
+    Runs what ``python -m basic_plugin.train`` runs before ``train()``: the version check,
+    the CPU workarounds (no-ops with CUDA), the checkpoint-RNG allow-list and plugin loading
+    (``LLAVA_PLUGINS*`` honoured). Not repeated here: that entry's friendlier message for
+    unknown flags, and its process-group teardown after ``train()`` (a CPU/gloo exit issue;
+    the patched ``train()`` has no hook after it returns).
+    """
+    from basic_plugin.compat import allow_checkpoint_rng_states
+    from basic_plugin.cpu import apply_cpu_workarounds
+    from basic_plugin.plugins import load_plugins
+    from basic_plugin.versions import require_supported_versions
+
+    if hasattr(classes["TrainingArguments"], "_llava_plugin_base"):  # runtime integration in place
+        return {}
+    require_supported_versions()
+    apply_cpu_workarounds()
+    allow_checkpoint_rng_states()
+    load_plugins()
+    return host_classes(classes)
+
+
+# optionalhook: the host's own plugin manager (which loads this entry point too) has no spec for it
+@hookimpl(optionalhook=True)
+def llava_train_classes(classes):
+    """Hook of the patched LLaVA (``llava/plugins.py``): replace its training classes."""
+    return native_train_classes(classes)
