@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 

@@ -52,3 +52,15 @@ def tiny_data_v1(tmp_path_factory):
 
     return write_tiny_dataset(tmp_path_factory.mktemp("data_v1"), n=16, template="v1", seed=0,
                               text_only=4)
+
+
+@pytest.fixture
+def toy_plugin_env(tmp_path):
+    """Env for a training subprocess in which tests/toy_llava_plugin.py is an installed
+    distribution with a ``llava`` entry point (``toy``), as a third-party plugin would be."""
+    site = tmp_path / "toy-site"
+    info = site / "toy_llava_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}

@@ -10,11 +10,12 @@ from dataclasses import asdict
 import pytest
 import torch
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
-from transformers import LlamaForCausalLM
+from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from basic_plugin.basic import plugin as basic
 from basic_plugin.basic.arguments import BasicArguments
-from basic_plugin.forward import with_plugin_forward
+from basic_plugin.integration import routed_llama_class
 from basic_plugin.plugins import load_plugins
 from basic_plugin.tiny import build_tiny_llava
 
@@ -30,7 +31,8 @@ def tiny_paths(tmp_path_factory):
 def make_model(paths, attn="sdpa", padding_side="right", max_length=64):
     load_plugins()
     torch.manual_seed(0)
-    model = with_plugin_forward(LlavaLlamaForCausalLM).from_pretrained(paths["lm"], attn_implementation=attn)
+    model = routed_llama_class(LlavaLlamaForCausalLM, LlavaMistralForCausalLM).from_pretrained(
+        paths["lm"], attn_implementation=attn)
     margs = types.SimpleNamespace(
         vision_tower=str(paths["vision"]), mm_vision_select_layer=-2, mm_vision_select_feature="patch",
         pretrain_mm_mlp_adapter=None, mm_projector_type="mlp2x_gelu", mm_patch_merge_type="flat")
@@ -75,7 +77,8 @@ def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0):
         feats = model.encode_images(batch["images"])
         _, _, mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
             batch["input_ids"], None, batch["attention_mask"], None, batch["labels"], batch["images"])
-        out = LlamaForCausalLM.forward(model, inputs_embeds=embeds, attention_mask=mask, labels=labels,
+        base = MistralForCausalLM if isinstance(model, MistralForCausalLM) else LlamaForCausalLM
+        out = base.forward(model, inputs_embeds=embeds, attention_mask=mask, labels=labels,
                                        output_attentions=True, output_hidden_states=True, return_dict=True)
     hs = [h.double() for h in out.hidden_states]
     att = [a.double() for a in out.attentions]
@@ -243,3 +246,31 @@ def test_depth_out_of_range_is_refused(tiny_paths):
     model = make_model(tiny_paths)
     with pytest.raises(ValueError, match="basic_depth 9"):
         ready(model, basic_depth=9)
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_paths(tiny_paths, tmp_path_factory):
+    """The tiny LLaVA's vision tower with a tiny random Mistral LLM (same sizes as the Llama)."""
+    llama = LlamaForCausalLM.from_pretrained(tiny_paths["lm"]).config
+    config = MistralConfig(vocab_size=llama.vocab_size, hidden_size=llama.hidden_size,
+                           intermediate_size=llama.intermediate_size, num_hidden_layers=llama.num_hidden_layers,
+                           num_attention_heads=llama.num_attention_heads,
+                           num_key_value_heads=llama.num_key_value_heads, sliding_window=4096)
+    torch.manual_seed(5)
+    folder = tmp_path_factory.mktemp("tiny-mistral")
+    MistralForCausalLM(config).save_pretrained(folder)
+    return dict(tiny_paths, lm=folder)
+
+
+def test_mistral_checkpoints_train_as_llava_mistral_with_basic(tiny_mistral_paths):
+    model = ready(make_model(tiny_mistral_paths, attn="sdpa"), basic_lambda_sds=0.5)
+    assert isinstance(model, LlavaMistralForCausalLM) and type(model).__name__ == "LlavaMistralForCausalLM"
+    eager = make_model(tiny_mistral_paths, attn="eager")
+    eager.load_state_dict(model.state_dict())
+    batch = make_batch(BATCH)
+    model(**batch)
+    das, sds, lm = reference_terms(eager, batch, depth=DEPTH, weights_mode="raw", kl="forward")
+    assert model.plugin_terms["basic_das"].item() == pytest.approx(das, rel=1e-4)
+    # this random Mistral's KL is ~5e-6: fp32 log-softmax over the vocabulary resolves it to ~1e-8
+    assert model.plugin_terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=5e-8)
+    assert sds > 1e-6 and model.plugin_terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)

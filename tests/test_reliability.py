@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -142,22 +141,12 @@ def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@pytest.fixture
-def toy_env(tmp_path):
-    site = tmp_path / "site"
-    info = site / "toy_llava_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
-    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}
-
-
-def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tiny_llava, tiny_data_v1, tmp_path, toy_env):
+def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tiny_llava, tiny_data_v1, tmp_path, toy_plugin_env):
     out = tmp_path / "run"
     args = tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=6,
                            extra=["--toy_weight", "nan", "--plugin_max_nonfinite_steps", "2"])
     with pytest.raises(AssertionError) as failure:
-        run_training(HOST, args, output_dir=out, env=toy_env)
+        run_training(HOST, args, output_dir=out, env=toy_plugin_env)
     text = str(failure.value)
     assert "stopped the run at step 2" in text and "2 consecutive steps" in text
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())

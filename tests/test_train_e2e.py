@@ -1,13 +1,11 @@
 """LLaVA's real ``train()`` through the plugin host, with and without DeepSpeed, on the tiny model."""
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from basic_plugin.tiny import tiny_train_args
-from tests.helpers import REPO_ROOT, all_finite, run_training
+from tests.helpers import all_finite, run_training
 
 HOST = "basic_plugin.train"
 SEEDED_HOST = "tests._host_train"
@@ -91,17 +89,6 @@ def test_basic_lora_finetune_zero2(tiny_llava, tiny_data_v1, tmp_path):
     assert all_finite(run["losses"]) and len(logged(run, "basic_das")) == 2
     assert (out / "adapter_model.safetensors").exists() or (out / "adapter_model.bin").exists()
     assert (out / "non_lora_trainables.bin").exists()
-
-
-@pytest.fixture
-def toy_plugin_env(tmp_path):
-    """Install tests/toy_llava_plugin.py as a real distribution with a ``llava`` entry point."""
-    site = tmp_path / "site"
-    info = site / "toy_llava_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
-    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}
 
 
 def test_a_third_party_plugin_trains_through_its_entry_point(tiny_llava, tiny_data_plain, tmp_path, toy_plugin_env):

@@ -6,8 +6,6 @@ loss and logged.
 """
 from dataclasses import dataclass
 
-import torch
-
 from basic_plugin import hookimpl
 
 
