@@ -22,6 +22,15 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch is reported by its own finding
+        return False
+
+
 def _check(package, dist, rule, note_bad, required=True):
     found = _version(dist)
     if found is None:
@@ -43,8 +52,9 @@ def check_versions() -> list[Finding]:
                "tokenizers 0.15.x goes with transformers 4.37"),
         _check("peft", "peft", lambda v: v < Version("0.14"),
                "peft >= 0.14 breaks every run on transformers 4.37 (Trainer imports peft); use 0.13.2"),
-        _check("accelerate", "accelerate", lambda v: Version("0.29") <= v < Version("1.0"),
-               "accelerate 0.29-0.34 works with transformers 4.37 (<= 0.28 forces NCCL, 1.x breaks)"),
+        _check("accelerate", "accelerate", lambda v: (Version("0.29") <= v or _has_cuda()) and v < Version("1.0"),
+               "accelerate 0.29-0.34 works with transformers 4.37 (<= 0.28 forces NCCL, which a CPU lacks; "
+               "1.x breaks transformers 4.37)"),
         _check("deepspeed", "deepspeed", lambda v: v >= Version("0.12"), "deepspeed >= 0.12 is needed",
                required=False),
         _check("pluggy", "pluggy", lambda v: v >= Version("1.3"), "pluggy >= 1.3 is needed"),
