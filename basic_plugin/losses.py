@@ -107,6 +107,50 @@ def refined_target(layer_states: Sequence[torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+DIRECTION_CHUNK = 1024  # rows per chunk of the direction loss (chunk x d fp32 temporaries)
+
+
+class _Direction(torch.autograd.Function):
+    """``sum_i w_i ||u_i - v_i||^2`` with u = s/|s|, v = t/|t|, gradient computed in the forward.
+
+    Autograd would keep several N x d fp32 intermediates (normalised rows, differences) per
+    call; here each chunk of rows is processed once and only dL/ds (N x d, the gradient
+    itself) is kept: dL/ds_i = 2 w_i ((u_i - v_i) - u_i (u_i . (u_i - v_i))) / |s_i| where
+    |s_i| > eps, and 2 w_i (u_i - v_i) / eps where F.normalize's eps floor applies.
+    """
+
+    @staticmethod
+    def forward(ctx, student, target, weights, eps, need_s):
+        cdt = _compute_dtype(student, target)
+        total = torch.zeros((), dtype=cdt, device=student.device)
+        grad_s = torch.empty(student.shape, dtype=cdt, device=student.device) if need_s else None
+        with _no_autocast(student.device):
+            for start in range(0, student.shape[0], DIRECTION_CHUNK):
+                stop = min(start + DIRECTION_CHUNK, student.shape[0])
+                s_c = student[start:stop].to(cdt)
+                norm = s_c.norm(dim=-1, keepdim=True).clamp_min_(eps)
+                u = s_c / norm  # never in place: s_c may be a view of the caller's tensor
+                v = F.normalize(target[start:stop].to(cdt), dim=-1, eps=eps)
+                diff = u - v
+                w_c = weights[start:stop].to(cdt)
+                total.add_(torch.dot(w_c, diff.pow(2).sum(dim=-1)))
+                if need_s:
+                    floored = norm <= eps
+                    radial = torch.where(floored, torch.zeros_like(norm), (u * diff).sum(-1, keepdim=True))
+                    grad_s[start:stop] = diff.sub_(u.mul_(radial)).div_(norm).mul_((2 * w_c).unsqueeze(1))
+        ctx.grad = grad_s  # handed on and dropped in backward (see _ChunkedKL)
+        ctx.dtype = student.dtype
+        return total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        if ctx.grad is None:
+            raise RuntimeError("direction_loss supports one backward pass")
+        grad, ctx.grad = ctx.grad, None
+        return grad.mul_(grad_output.to(grad.dtype)).to(ctx.dtype), None, None, None, None
+
+
 def direction_loss(
     student: torch.Tensor,
     target: torch.Tensor,
@@ -118,17 +162,14 @@ def direction_loss(
 
     Aligns only the direction of each projector output with its refined target, so the
     scale of the LLM's hidden states does not leak into the projector. ``eps`` bounds the
-    norm from below so zero rows give finite values and gradients. Gradient flows to
-    ``student`` only; fp32 math.
+    norm from below (as ``F.normalize``) so zero rows give finite values and gradients.
+    Gradient flows to ``student`` only; fp32 math, rows in chunks, no N x d intermediates
+    kept for backward (which runs once).
     """
     _check_rows(student, target, weights)
-    cdt = _compute_dtype(student, target)
-    with _no_autocast(student.device):
-        s = F.normalize(student.to(cdt), dim=-1, eps=eps)
-        t = F.normalize(target.detach().to(cdt), dim=-1, eps=eps)
-        w = weights.detach().to(cdt)
-        # For N == 0 the empty sum is a zero that is still a function of ``student``.
-        return (w * (s - t).pow(2).sum(dim=-1)).sum()
+    need_s = torch.is_grad_enabled() and student.requires_grad
+    # For N == 0 the empty sum is a zero that is still a function of ``student``.
+    return _Direction.apply(student, target.detach(), weights.detach(), float(eps), need_s)
 
 
 # --------------------------------------------------------------------------------------
@@ -197,20 +238,28 @@ class _ChunkedKL(torch.autograd.Function):
                     grad_s[start:stop] = torch.mm(dz, e)
                 if need_v:
                     grad_e.addmm_(dz.t(), s_c)
-        ctx.save_for_backward(grad_s, grad_e)
+        # Plain attributes, not save_for_backward: backward hands these very tensors on and
+        # drops them here, so the engine can take them over instead of copying V x d floats.
+        ctx.grads = [grad_s, grad_e]
         ctx.dtypes = (student.dtype, vocab.dtype)
         return total
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        grad_s, grad_e = ctx.saved_tensors
+        # Scale the stored gradients in place: a scaled copy would hold the V x d vocabulary
+        # gradient twice at the peak. So the stored values can be used once only.
+        if ctx.grads is None:
+            raise RuntimeError("distribution_loss(chunk_size=...) supports one backward pass; "
+                               "use chunk_size=None to backward through it twice")
+        (grad_s, grad_e), ctx.grads = ctx.grads, None
         s_dtype, v_dtype = ctx.dtypes
         gs = ge = None
+        scale = grad_output.to(grad_s.dtype if grad_s is not None else grad_e.dtype)
         if ctx.needs_input_grad[0] and grad_s is not None:
-            gs = (grad_s * grad_output.to(grad_s.dtype)).to(s_dtype)
+            gs = grad_s.mul_(scale).to(s_dtype)
         if ctx.needs_input_grad[2] and grad_e is not None:
-            ge = (grad_e * grad_output.to(grad_e.dtype)).to(v_dtype)
+            ge = grad_e.mul_(scale).to(v_dtype)
         return gs, None, ge, None, None, None, None, None, None
 
 

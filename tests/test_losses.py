@@ -301,20 +301,42 @@ def test_vocab_without_requires_grad_gets_none(chunk):
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_gradcheck_chunked_function_float64(reverse):
+def test_chunked_gradients_match_finite_differences_float64(reverse):
+    """Directional derivatives by central differences (a fresh graph each time: the chunked
+    Function scales its stored gradients in place, so it is backward-once, like fused kernels)."""
     s, t, E, w = make_inputs(5, 4, 7, torch.float64)
-    s.requires_grad_()
-    E.requires_grad_()
     kw = dict(temperature=1.3, reverse=reverse, chunk_size=2)
+    gen = torch.Generator().manual_seed(7)
+
+    def check(fn, inputs):
+        leaves = [x.detach().clone().requires_grad_() for x in inputs]
+        (fn(*leaves) * 0.37).backward()  # a grad_output other than 1
+        for _ in range(3):
+            dirs = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs]
+            eps = 1e-6
+            with torch.no_grad():
+                plus = fn(*[x + eps * u for x, u in zip(inputs, dirs)])
+                minus = fn(*[x - eps * u for x, u in zip(inputs, dirs)])
+            numeric = 0.37 * (plus - minus).item() / (2 * eps)
+            analytic = sum(float((leaf.grad * u).sum()) for leaf, u in zip(leaves, dirs))
+            assert analytic == pytest.approx(numeric, rel=1e-5, abs=1e-9)
 
     # P is a constant by design, also wrt E, so a finite difference in E would see P move.
-    # (1) wrt student with a random target (E requires grad, so the E-gradient path runs).
-    assert torch.autograd.gradcheck(lambda s_: distribution_loss(s_, t, E, w, **kw), (s,),
-                                    eps=1e-6, atol=1e-6, rtol=1e-4)
+    # (1) wrt student with a random target, E requiring grad (the E-gradient path runs).
+    E_live = E.clone().requires_grad_()
+    check(lambda s_: distribution_loss(s_, t, E_live, w, **kw), (s,))
     # (2) wrt student and E with a zero target: P is uniform whatever E is.
     t0 = torch.zeros_like(t)
-    assert torch.autograd.gradcheck(lambda s_, E_: distribution_loss(s_, t0, E_, w, **kw),
-                                    (s, E), eps=1e-6, atol=1e-6, rtol=1e-4)
+    check(lambda s_, E_: distribution_loss(s_, t0, E_, w, **kw), (s, E))
+
+
+def test_chunked_backward_runs_once_and_says_so():
+    s, t, E, w = make_inputs(5, 4, 7)
+    s.requires_grad_()
+    out = distribution_loss(s, t, E, w, chunk_size=2)
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        out.backward()
 
 
 @pytest.mark.parametrize("chunk", [None, 1, 3])
@@ -438,3 +460,20 @@ def test_chunked_path_skips_gradient_work_when_not_needed():
         with torch.set_grad_enabled(grad_mode), rec:
             distribution_loss(s_, t, E_, w, chunk_size=chunk)
         assert rec.mm_calls == expected * n_chunks, (s_grad, e_grad, grad_mode)
+
+
+def test_direction_loss_over_several_chunks_leaves_inputs_untouched(monkeypatch):
+    import basic_plugin.losses as losses
+
+    monkeypatch.setattr(losses, "DIRECTION_CHUNK", 4)  # 11 rows -> 3 chunks
+    s, t, _, w = make_inputs(11, 6, 3, torch.float32)
+    s_before, t_before = s.clone(), t.clone()
+    s.requires_grad_()
+    out = direction_loss(s, t, w)
+    out.backward()
+    assert torch.equal(s.detach(), s_before) and torch.equal(t, t_before)
+    s64 = s_before.double().requires_grad_()
+    ref = ref_direction(s64, t.double(), w.double())
+    ref.backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)

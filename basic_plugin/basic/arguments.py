@@ -28,7 +28,7 @@ class BasicArguments:
     basic_kl: str = field(default="forward", metadata={
         "help": "KL direction of L_sds: forward KL(P||Q) (default) or reverse KL(Q||P).",
         "choices": list(KL_CHOICES)})
-    basic_sds_chunk_size: int = field(default=64, metadata={
+    basic_sds_chunk_size: int = field(default=256, metadata={
         "help": "Image-token rows per chunk of the full-vocabulary KL (memory: chunk x vocab fp32)."})
     basic_query_chunk: int = field(default=256, metadata={
         "help": "Text query rows per chunk when recomputing patch weights."})

@@ -21,7 +21,7 @@ class BasicSettings:
     detach_vocab: bool = False
     patch_weights: str = "raw"
     kl: str = "forward"
-    sds_chunk_size: int | None = 64
+    sds_chunk_size: int | None = 256
     query_chunk: int = 256
 
 
