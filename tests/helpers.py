@@ -152,3 +152,16 @@ def all_finite(values: Iterable[float]) -> bool:
     """True when every value is a finite float (and there is at least one)."""
     values = list(values)
     return bool(values) and all(math.isfinite(v) for v in values)
+
+
+def collate_right_padded(samples):
+    """(ids, mask) for lists of token ids, right-padded as LLaVA's collator does (pad id 0)."""
+    import torch
+
+    width = max(len(s) for s in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width, dtype=torch.bool)
+    for b, s in enumerate(samples):
+        ids[b, :len(s)] = torch.tensor(s)
+        mask[b, :len(s)] = True
+    return ids, mask

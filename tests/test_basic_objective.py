@@ -18,6 +18,7 @@ from basic_plugin.basic.arguments import BasicArguments
 from basic_plugin.integration import routed_llama_class
 from basic_plugin.plugins import load_plugins
 from basic_plugin.tiny import build_tiny_llava
+from tests.helpers import collate_right_padded
 
 I = -200
 DEPTH = 2
@@ -54,12 +55,7 @@ def ready(model, pretraining=False, **overrides):
 
 
 def make_batch(samples, n_images=None, seed=0):
-    width = max(len(s) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros(len(samples), width, dtype=torch.bool)
-    for b, s in enumerate(samples):
-        ids[b, :len(s)] = torch.tensor(s)
-        mask[b, :len(s)] = True
+    ids, mask = collate_right_padded(samples)
     labels = ids.clone()
     labels[ids == I] = -100
     labels[~mask] = -100

@@ -6,6 +6,7 @@ import torch
 from llava.model.llava_arch import LlavaMetaForCausalLM
 
 from basic_plugin.positions import IMAGE_TOKEN_INDEX, image_token_positions
+from tests.helpers import collate_right_padded
 
 D = 3
 MARK = 1000.0
@@ -37,12 +38,7 @@ class SplicingStub(LlavaMetaForCausalLM):
 
 def run_case(samples, n_tokens=4, max_length=None, padding_side="right", mask_none=False):
     """samples: lists of token ids (with IMAGE_TOKEN_INDEX), collated with right padding like LLaVA."""
-    width = max(len(s) for s in samples)
-    ids = torch.zeros(len(samples), width, dtype=torch.long)
-    mask = torch.zeros(len(samples), width, dtype=torch.bool)
-    for b, s in enumerate(samples):
-        ids[b, :len(s)] = torch.tensor(s)
-        mask[b, :len(s)] = True
+    ids, mask = collate_right_padded(samples)
     n_images = sum(max(1, s.count(IMAGE_TOKEN_INDEX)) for s in samples)
     images = torch.zeros(n_images, 3, 2, 2)
     stub = SplicingStub(n_tokens, max_length, padding_side)
