@@ -1,0 +1,382 @@
+"""``basic-llava demo``: what BASIC does to a real (small) LLaVA, on a CPU, baseline vs BASIC.
+
+Steps (each with a progress bar):
+
+1. assets: ``install_assets()`` (SmolLM2-135M-Instruct as the LLM, all 30 layers; DINOv2-small
+   at 112 px = 64 image tokens as the vision tower), downloaded and converted once;
+2. data: ``basic-llava data`` (Fashion-MNIST captions for training, a held-out test split,
+   packaged photos);
+3. LLaVA stage-1 projector pretraining through LLaVA's own ``train()``
+   (``python -m basic_plugin.train`` under DeepSpeed's launcher, ZeRO-2, 1 rank, ``plain``
+   template, ``--tune_mm_mlp_adapter True``), once as the baseline and once with
+   ``--basic True``: same seed (``--seed_model_init True``: same projector init), same data
+   and order, same steps;
+4. evaluation of both (:mod:`basic_plugin.demo.evaluate`): 10-way zero-shot accuracy on held-out
+   images with 95% Wilson intervals and a paired McNemar test, BASIC's per-layer nearest-word
+   analysis (:mod:`basic_plugin.lens`), greedy captions of the packaged photos;
+5. report (:mod:`basic_plugin.demo.report`): terminal table, ``report.md`` / ``report.html``,
+   ``losses.png``, ``lens.png``, ``summary.json`` under ``--out`` (default ``runs/demo``).
+
+Trained runs are reused when their arguments are unchanged (``--retrain`` to redo them).
+``--full``: 3 seeds, 6000 held-out images, 300 steps: at the discordance seen in the default run
+(the two models disagree on about 28% of the images), McNemar's test needs about 5,500 paired
+images to resolve a 2-point accuracy difference (alpha 0.05, power 0.8); the report prints this
+number for the run at hand. Hours on a CPU.
+``--tiny``: the tiny random model of :mod:`basic_plugin.tiny` (tests only).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
+FULL = {"steps": 300, "test": 6000, "seeds": 3}
+TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
+               "PYTHONUNBUFFERED": "1"}
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+ARMS = ("baseline", "basic")
+EVAL_FORMAT = 1
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def training_command(args: Sequence[str], deepspeed: bool = True) -> List[str]:
+    """``python -m deepspeed.launcher.runner --num_gpus 1 ... --module basic_plugin.train ARGS``."""
+    if not deepspeed:
+        return [sys.executable, "-m", "basic_plugin.train", *args]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
+            "--module", "basic_plugin.train", *args]
+
+
+def run_training(args: Sequence[str], out_dir: Path, steps: int, *, deepspeed: bool = True, desc: str = "train",
+                 progress: bool = True, threads: Optional[int] = None, position: int = 0,
+                 timeout: float = 4 * 3600) -> dict:
+    """Run one training subprocess, a progress bar fed by the Trainer's per-step logs; return its log_history.
+
+    ``threads``: ``OMP_NUM_THREADS`` of the run (None: inherited).
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = training_command(args, deepspeed)
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(OFFLINE_ENV)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    log_path = out_dir / "train.log"
+    (out_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+    start = time.monotonic()
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, position=position, leave=True)
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        pending = b""
+        try:
+            while True:
+                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
+                if not chunk:
+                    break
+                log.write(chunk)
+                pending += chunk
+                *lines, pending = re.split(rb"[\r\n]", pending)
+                for line in lines:
+                    if line.startswith(b"{'loss'"):
+                        bar.update()
+                        found = re.search(rb"'lm_loss': ([0-9.eE+-]+)", line)
+                        if found:
+                            bar.set_postfix_str(f"lm_loss {float(found.group(1)):.3f}")
+                if time.monotonic() - start > timeout:
+                    raise TimeoutError(f"training ran past {timeout:.0f}s")
+            proc.wait()
+        except BaseException:
+            try:
+                os.killpg(proc.pid, 9)
+            except ProcessLookupError:
+                pass
+            raise
+        finally:
+            bar.close()
+    wall = time.monotonic() - start
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"training failed (exit {proc.returncode}); log: {log_path}\n{tail}")
+    state = out_dir / "trainer_state.json"
+    if not state.is_file() or not (out_dir / "mm_projector.bin").is_file():
+        raise RuntimeError(f"training left no trainer_state.json / mm_projector.bin in {out_dir}; log: {log_path}")
+    return {"log_history": json.loads(state.read_text())["log_history"], "wall_s": wall,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, arm: str, steps: int, batch: int,
+               seed: int, lr: float, deepspeed: bool, basic_flags: Sequence[str] = ()) -> List[str]:
+    """LLaVA's pretrain.sh arguments (via :func:`basic_plugin.tiny.tiny_train_args`) for one arm."""
+    from basic_plugin.tiny import tiny_train_args
+
+    extra = ["--seed", str(seed), "--data_seed", str(seed), "--seed_model_init", "True",
+             "--learning_rate", str(lr), "--model_max_length", "128"]
+    if arm == "basic":
+        extra += ["--basic", "True", *basic_flags]
+    return tiny_train_args(paths, data["train"], data["image_folder"], out_dir, stage="pretrain", max_steps=steps,
+                           batch=batch, deepspeed_config="zero2" if deepspeed else None,
+                           gradient_checkpointing=False, extra=extra)
+
+
+def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, progress: bool, seed) -> Dict[str, dict]:
+    """Evaluate each arm (``evaluate_model(**kwargs[arm])``), in spawned processes at once when ``parallel``."""
+    from tqdm.auto import tqdm
+
+    from basic_plugin.demo.evaluate import evaluate_model, evaluation_worker
+
+    total = {arm: kw["n_test"] + min(4, kw["n_test"]) + len(json.loads(Path(kw["data"]["photos"]).read_text()))
+             for arm, kw in kwargs.items()}
+    bars = {arm: tqdm(total=total[arm], desc=f"eval  {arm:<8} s{seed}", unit="img", position=i, leave=True,
+                      disable=not progress) for i, arm in enumerate(kwargs)}
+    results: Dict[str, dict] = {}
+    try:
+        if not parallel or len(kwargs) < 2:
+            import torch
+
+            torch.set_num_threads(threads)
+            for arm, kw in kwargs.items():
+                results[arm] = evaluate_model(**kw, on_progress=bars[arm].update)
+            return results
+        import multiprocessing as mp
+        import queue as queue_mod
+
+        ctx = mp.get_context("spawn")
+        q = ctx.Queue()
+        procs = {arm: ctx.Process(target=evaluation_worker, args=(arm, kw, threads, q), daemon=True)
+                 for arm, kw in kwargs.items()}
+        for proc in procs.values():
+            proc.start()
+        while len(results) < len(procs):
+            try:
+                kind, arm, payload = q.get(timeout=5)
+            except queue_mod.Empty:
+                dead = [a for a, p in procs.items() if not p.is_alive() and a not in results]
+                if dead and q.empty():
+                    raise RuntimeError(f"evaluation process(es) {dead} died without a result")
+                continue
+            if kind == "progress":
+                bars[arm].update(payload)
+            elif kind == "done":
+                results[arm] = payload
+            else:
+                for proc in procs.values():
+                    proc.terminate()
+                raise RuntimeError(f"evaluating {arm} failed:\n{payload}")
+        for proc in procs.values():
+            proc.join()
+        return results
+    finally:
+        for bar in bars.values():
+            bar.close()
+
+
+def strip_separator(argv):
+    """Drop a leading ``--`` (``basic-llava JOB -- --flag ...`` hands it through)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="basic-llava demo", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS['steps']})")
+    p.add_argument("--batch", type=int, default=None, help=f"per-step batch (default {DEFAULTS['batch']})")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0, 1, ...); default 1")
+    p.add_argument("--test", type=int, default=None, help=f"held-out test images (default {DEFAULTS['test']})")
+    p.add_argument("--lens-images", type=int, default=None, help="test images for the per-layer analysis (default 30, as the paper)")
+    p.add_argument("--lr", type=float, default=None, help="projector learning rate (default 1e-3, LLaVA's)")
+    p.add_argument("--full", action="store_true", help="3 seeds, 6000 test images, 300 steps (hours on a CPU)")
+    p.add_argument("--basic-flags", default="", help='extra BASIC flags for the BASIC arm, e.g. "--basic_depth 10"')
+    p.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST idx folder (default: the Debian package's)")
+    p.add_argument("--cache-dir", default=None, help="assets cache (default ~/.cache/basic-llava/assets)")
+    p.add_argument("--no-deepspeed", action="store_true", help="train without DeepSpeed's launcher")
+    p.add_argument("--sequential", action="store_true",
+                   help="one arm at a time with all cores (default: both arms at once, half the cores each)")
+    p.add_argument("--retrain", action="store_true", help="train again even when a finished run matches")
+    p.add_argument("--tiny", action="store_true", help="tiny random model instead of the real parts (tests only)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve(args) -> dict:
+    cfg = dict(DEFAULTS)
+    if args.full:
+        cfg.update(FULL)
+    if args.tiny:
+        cfg.update(TINY)
+    for key in ("steps", "batch", "seeds", "test", "lens_images", "lr"):
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = value
+    if min(cfg["steps"], cfg["batch"], cfg["seeds"], cfg["test"]) < 1:
+        raise SystemExit("basic-llava demo: --steps, --batch, --seeds and --test must be positive")
+    cfg["train_images"] = cfg["steps"] * cfg["batch"]
+    return cfg
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(strip_separator(argv))
+    cfg = resolve(args)
+    progress = not args.quiet
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: Dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    from basic_plugin.demo import data as demo_data
+    from basic_plugin.demo.report import write_report
+
+    # 1. assets
+    print(f"[demo] 1/5 assets ({'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct + DINOv2-small 112 px'})",
+          flush=True)
+    t = time.perf_counter()
+    if args.tiny:
+        from basic_plugin.tiny import IMAGE_SIZE, build_tiny_llava
+
+        tiny_root = out / "tiny_model"
+        if not (tiny_root / "lm" / "config.json").is_file():
+            built = build_tiny_llava(tiny_root, seed=0, vocab_extra=demo_data.PHRASES)
+        else:
+            built = {"lm": tiny_root / "lm", "vision": tiny_root / "vision"}
+        paths = {"lm": str(built["lm"]), "vision": str(built["vision"])}
+        size = IMAGE_SIZE
+    else:
+        from basic_plugin.assets import install_assets
+
+        assets = install_assets(args.cache_dir, progress=progress)
+        paths = {"lm": assets["llm"], "vision": assets["vision_112"]}
+        size = 112
+    timings["assets"] = time.perf_counter() - t
+
+    # 2. data
+    print(f"[demo] 2/5 data: {cfg['train_images']} training captions, {cfg['test']} held-out test images", flush=True)
+    t = time.perf_counter()
+    fmnist_dir = args.fmnist_dir or demo_data.FMNIST_DIR
+    if not demo_data.fmnist_available(fmnist_dir):
+        print(f"basic-llava demo: Fashion-MNIST not found in {fmnist_dir}.\nInstall it with:\n"
+              f"    {demo_data.INSTALL_HINT}\n(as root, or with sudo; scripts/demo.sh does it for you)", file=sys.stderr)
+        return 2
+    data = demo_data.build_dataset(out / "data", train=cfg["train_images"], test=cfg["test"], size=size, seed=0,
+                                   fmnist_dir=fmnist_dir, progress=progress)
+    timings["data"] = time.perf_counter() - t
+
+    # 3. training: both arms of a seed at once (one thread each), or one after the other (--sequential)
+    basic_flags = shlex.split(args.basic_flags)
+    cores = os.cpu_count() or 1
+    parallel = not args.sequential and cores >= 2
+    threads = max(1, cores // 2) if parallel else cores
+    runs: Dict[str, Dict[str, dict]] = {}
+    t = time.perf_counter()
+    for seed in range(cfg["seeds"]):
+        jobs = {}
+        for arm in ARMS:
+            run_dir = out / f"seed{seed}" / arm
+            targs = train_args(paths, data, run_dir, arm=arm, steps=cfg["steps"], batch=cfg["batch"], seed=seed,
+                               lr=cfg["lr"], deepspeed=not args.no_deepspeed, basic_flags=basic_flags)
+            stamp = run_dir / "demo_args.json"
+            done = (not args.retrain and stamp.is_file() and json.loads(stamp.read_text()) == targs
+                    and (run_dir / "mm_projector.bin").is_file() and (run_dir / "demo_result.json").is_file())
+            if done:
+                runs.setdefault(str(seed), {})[arm] = {"dir": str(run_dir),
+                                                       **json.loads((run_dir / "demo_result.json").read_text())}
+            else:
+                if stamp.exists():
+                    stamp.unlink()
+                jobs[arm] = (run_dir, targs, stamp)
+        reused = [arm for arm in ARMS if arm not in jobs]
+        print(f"[demo] 3/5 train seed {seed}: {cfg['steps']} steps x batch {cfg['batch']}, "
+              + ("both arms at once, 1 rank each, " + f"{threads} thread(s) each" if parallel and len(jobs) > 1
+                 else f"{threads} thread(s)") + (f"; reused finished run(s): {', '.join(reused)}" if reused else ""),
+              flush=True)
+
+        def train_one(arm, position):
+            run_dir, targs, stamp = jobs[arm]
+            result = run_training(targs, run_dir, cfg["steps"], deepspeed=not args.no_deepspeed,
+                                  desc=f"train {arm:<8} s{seed}", progress=progress, threads=threads, position=position)
+            (run_dir / "demo_result.json").write_text(json.dumps(result))
+            stamp.write_text(json.dumps(targs))
+            return result
+
+        if parallel and len(jobs) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(jobs)) as pool:
+                futures = {arm: pool.submit(train_one, arm, i) for i, arm in enumerate(jobs)}
+                results = {arm: f.result() for arm, f in futures.items()}
+        else:
+            results = {arm: train_one(arm, 0) for arm in jobs}
+        for arm, result in results.items():
+            runs.setdefault(str(seed), {})[arm] = {"dir": str(jobs[arm][0]), **result}
+        runs[str(seed)] = {arm: runs[str(seed)][arm] for arm in ARMS}
+    timings["train"] = time.perf_counter() - t
+
+    # 4. evaluation, both arms at once as in training
+    t = time.perf_counter()
+    captions = demo_data.class_captions()
+    n_lens = min(cfg["lens_images"], cfg["test"])
+    for seed, arms in runs.items():
+        print(f"[demo] 4/5 evaluate seed {seed}: {cfg['test']} held-out images x 10 candidate captions, "
+              f"lens on {n_lens}, captions of {len(json.loads(Path(data['photos']).read_text()))} photos + 4 test images",
+              flush=True)
+        kwargs = {arm: dict(run_dir=run["dir"], model_base=paths["lm"], data=data, captions=captions,
+                            n_test=cfg["test"], n_lens=n_lens, progress=False) for arm, run in arms.items()}
+        results = {}
+        for arm, run in arms.items():  # an unchanged evaluation of an unchanged run is reused
+            key = {**kwargs[arm], "trained": run.get("finished_at"), "format": EVAL_FORMAT}
+            path = Path(run["dir"], "eval.json")
+            if path.is_file():
+                try:
+                    old = json.loads(path.read_text())
+                except ValueError:
+                    old = {}
+                if old.get("key") == json.loads(json.dumps(key)):
+                    results[arm] = old
+        todo = {arm: kw for arm, kw in kwargs.items() if arm not in results}
+        if len(todo) < len(kwargs):
+            print(f"[demo]     reused the evaluation of: {', '.join(a for a in kwargs if a not in todo)}", flush=True)
+        if todo:
+            results.update(evaluate_arms(todo, parallel=parallel, threads=threads, progress=progress, seed=seed))
+        for arm, run in arms.items():
+            results[arm]["key"] = {**kwargs[arm], "trained": run.get("finished_at"), "format": EVAL_FORMAT}
+            Path(run["dir"], "eval.json").write_text(json.dumps(results[arm]))
+            run["eval"] = results[arm]
+    timings["evaluate"] = time.perf_counter() - t
+
+    # 5. report
+    print("[demo] 5/5 report", flush=True)
+    t = time.perf_counter()
+    timings["total_before_report"] = time.perf_counter() - t0
+    summary = write_report(out, runs, cfg=cfg, data=data, paths=paths, timings=timings, tiny=args.tiny,
+                           basic_flags=basic_flags)
+    timings["report"] = time.perf_counter() - t
+    total = time.perf_counter() - t0
+    print(summary["line"].replace("{total}", f"{total / 60:.1f} min"), flush=True)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,269 @@
+"""The demo's pieces, each against an independent check, and a smoke run of the whole pipeline (tiny model)."""
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from basic_plugin.demo import data as demo_data
+from basic_plugin.demo.evaluate import (candidate_ids, compare_paired, mcnemar_exact, mcnemar_sample_size, paired_bootstrap,
+                                        score_naive, score_shared_prefix, wilson_interval)
+from basic_plugin.lens import LayerLens, is_meaningful_word, meaningful_token_mask, nearest_tokens, normalized_vocabulary, token_text
+from basic_plugin.records import RecordError, load_records, validate_record
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    """An idx file written by hand: 0, 0, type 0x08 (ubyte), rank, big-endian dims, data."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    (gzip.open if gz else open)(path, "wb").write(payload)
+
+
+@pytest.fixture(scope="module")
+def synthetic_fmnist(tmp_path_factory):
+    """A Fashion-MNIST-shaped folder: 3 train and 2 test images per class, each class a distinct pattern."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 3), ("test", 2)):
+        labels = np.repeat(np.arange(10), per)
+        rng.shuffle(labels)
+        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y:2 * y + 6, 4:24] = 200 + rng.integers(0, 55)
+        img_name, lab_name = demo_data.FMNIST_FILES[split]
+        write_idx(folder / img_name, images)
+        write_idx(folder / lab_name, labels)
+    return folder
+
+
+# -- captions, records, data --------------------------------------------------------------------
+def test_captions_from_class_names():
+    assert demo_data.caption(7) == "A photo of a sneaker."
+    assert demo_data.caption(9) == "A photo of an ankle boot."
+    assert demo_data.caption(1, "{A} {x} on a black background.") == "A pair of trousers on a black background."
+    assert demo_data.caption(9, "{A} {x} on a black background.") == "An ankle boot on a black background."
+    caps = demo_data.class_captions()
+    assert len(caps) == 10 and len(set(caps)) == 10
+    assert demo_data.EVAL_TEMPLATE in demo_data.TEMPLATES  # the scored captions are a trained form
+
+
+def test_records_are_valid_llava_records(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    rec = demo_data.make_record("r1", "a.png", "A photo of a bag.", label=8)
+    validate_record(rec, tmp_path)
+    assert rec["conversations"][0]["value"].startswith("<image>\n")
+    with pytest.raises(RecordError):
+        validate_record(demo_data.make_record("r2", "missing.png", "x"), tmp_path)
+
+
+def test_idx_reader_on_a_synthetic_file(tmp_path):
+    arr = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    write_idx(tmp_path / "x-idx3-ubyte.gz", arr)
+    write_idx(tmp_path / "y-idx1-ubyte", np.array([3, 1, 4], dtype=np.uint8), gz=False)
+    assert np.array_equal(demo_data.read_idx(tmp_path / "x-idx3-ubyte.gz"), arr)
+    assert demo_data.read_idx(tmp_path / "y-idx1-ubyte").tolist() == [3, 1, 4]
+    (tmp_path / "bad").write_bytes(b"\x01\x00\x08\x01\x00\x00\x00\x02ab")
+    with pytest.raises(ValueError, match="magic"):
+        demo_data.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01\x00\x00\x00\x05ab")
+    with pytest.raises(ValueError, match="header says"):
+        demo_data.read_idx(tmp_path / "short")
+
+
+@pytest.mark.skipif(not demo_data.fmnist_available(), reason=f"needs `{demo_data.INSTALL_HINT}` (not installed here)")
+def test_real_fashion_mnist_files():
+    for split, n in (("train", 60000), ("test", 10000)):
+        images, labels = demo_data.load_fmnist(split)
+        assert images.shape == (n, 28, 28) and images.dtype == np.uint8 and labels.shape == (n,)
+        assert np.bincount(labels).tolist() == [n // 10] * 10
+        assert 0 < images.mean() < 255
+
+
+def test_build_dataset(synthetic_fmnist, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "data"
+    paths = demo_data.build_dataset(out, train=20, test=10, size=56, seed=0, fmnist_dir=synthetic_fmnist, progress=False)
+    folder = Path(paths["image_folder"])
+    train = load_records(paths["train"], folder)
+    test = load_records(paths["test"], folder)
+    assert len(train) == 20 and len(test) == 10
+    assert sorted(r["label"] for r in test) == list(range(10))  # balanced: one per class
+    for r in test:
+        assert r["conversations"][1]["value"] == demo_data.caption(r["label"]) and r["class"] == demo_data.CLASSES[r["label"]]
+    # train captions name the true class: the image pattern row encodes it
+    images, labels = demo_data.load_fmnist("train", synthetic_fmnist)
+    for r in train:
+        idx = int(r["id"].rsplit("-", 1)[1])
+        assert demo_data.PHRASES[labels[idx]] in r["conversations"][1]["value"]
+    with Image.open(folder / test[0]["image"]) as img:
+        assert img.mode == "RGB" and img.size == (56, 56)
+    photos = json.loads(Path(paths["photos"]).read_text())
+    assert any(p["id"] == "photo-grace_hopper" for p in photos)  # matplotlib ships it
+    before = Path(paths["train"]).stat().st_mtime_ns
+    assert demo_data.build_dataset(out, train=20, test=10, size=56, seed=0, fmnist_dir=synthetic_fmnist,
+                                   progress=False) == paths
+    assert Path(paths["train"]).stat().st_mtime_ns == before  # second call: nothing rewritten
+
+
+def test_data_cli_says_how_to_install(tmp_path, capsys):
+    assert demo_data.main(["--out", str(tmp_path / "d"), "--fmnist-dir", str(tmp_path / "nothing")]) == 2
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+# -- statistics -----------------------------------------------------------------------------------
+def test_wilson_interval_hand_computed():
+    # 8/10: centre (0.8 + 1.92^2/20) / (1 + 1.96^2/10) ... the textbook values
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.4902, abs=1e-4) and hi == pytest.approx(0.9433, abs=1e-4)
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = wilson_interval(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+
+
+def test_mcnemar_and_paired_comparison_hand_computed():
+    assert mcnemar_exact(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)
+    assert mcnemar_exact(3, 3) == 1.0 and mcnemar_exact(0, 0) == 1.0
+    a = [True] * 6 + [False] * 4            # baseline: 6/10
+    b = [True] * 4 + [False] * 2 + [True] * 4  # BASIC: 8/10; only-a 2, only-b 4
+    c = compare_paired(a, b, iters=2000)
+    assert (c["n"], c["only_a"], c["only_b"]) == (10, 2, 4)
+    assert c["acc_a"] == 0.6 and c["acc_b"] == 0.8 and c["diff"] == pytest.approx(0.2)
+    assert c["mcnemar_p"] == pytest.approx(2 * (1 + 6 + 15) / 64)
+    assert c["diff_ci"][0] <= 0.2 <= c["diff_ci"][1]
+    # (1.959964 sqrt(.15) + 0.841621 sqrt(.15 - .0004))^2 / .0004 = (0.759091 + 0.325524)^2 / .0004 = 2940.97
+    assert mcnemar_sample_size(0.15, 0.02) == 2941
+    assert paired_bootstrap([True, False] * 5, [True, False] * 5) == (0.0, 0.0)
+    assert paired_bootstrap([False] * 4, [True] * 4) == (1.0, 1.0)
+
+
+# -- meaningful words and the lens ------------------------------------------------------------------
+@pytest.mark.parametrize("text,expected", [
+    (" shirt", True), (" Dress", True), (" ANKLE", True), (" tion", True),
+    ("shirt", False), ("monary", False), ("\u2581boots", False),  # continuation pieces / raw marker
+    (" the", False), (" The", False), (" of", False), (" through", False), (" ab", False), (" x", False),
+    (" 123", False), ("(){}", False), (" _id", False), ("\ufffd", False), (" caf\u00e9", False), ("   ", False),
+    ("", False), (" sneaker.", False), ("  shirt", False),
+])
+def test_meaningful_word(text, expected):
+    assert is_meaningful_word(text) is expected
+
+
+def test_meaningful_mask_skips_special_tokens(tiny_llava):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llava["lm"], use_fast=False)
+    mask = meaningful_token_mask(tok, len(tok) + 3)
+    assert mask.shape == (len(tok) + 3,) and not mask[len(tok):].any()
+    assert not mask[tok.all_special_ids].any()
+    pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
+    for i, piece in enumerate(pieces):  # independent of token_text: SentencePiece's "▁" marks a word start
+        expected = piece.startswith("\u2581") and i not in tok.all_special_ids and is_meaningful_word(" " + piece[1:])
+        assert bool(mask[i]) is expected, piece
+    assert mask.sum() > 10
+
+
+def test_nearest_words_per_layer_against_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    vocab = torch.randn(40, 8, generator=gen)
+    meaningful = torch.zeros(40, dtype=torch.bool)
+    meaningful[::3] = True
+    hidden = [torch.randn(2, 7, 8, generator=gen) * (1 + k) for k in range(4)]
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[0, 1:5] = True
+    mask[1, 2:6] = True
+    lens = LayerLens(normalized_vocabulary(vocab), meaningful)
+    lens.add(hidden, mask)
+    summary = lens.summary()
+
+    def cos(u, v):
+        return sum(a * b for a, b in zip(u, v)) / math.sqrt(sum(a * a for a in u) * sum(b * b for b in v))
+
+    vocab_l = vocab.tolist()
+    expect = []
+    for b in range(2):
+        counts = []
+        for layer in range(4):
+            count = 0
+            for t in range(7):
+                if mask[b, t]:
+                    row = hidden[layer][b, t].tolist()
+                    best = max(range(40), key=lambda v: cos(row, vocab_l[v]))
+                    count += bool(meaningful[best])
+            counts.append(count)
+        expect.append(counts)
+    assert summary["per_image"] == expect
+    assert summary["mean_meaningful"] == [pytest.approx((expect[0][k] + expect[1][k]) / 2) for k in range(4)]
+    assert summary["tokens_per_image"] == 4
+    states = hidden[2].reshape(-1, 8)
+    brute = [max(range(40), key=lambda v: cos(states[i].tolist(), vocab_l[v])) for i in range(states.shape[0])]
+    assert nearest_tokens(states, normalized_vocabulary(vocab), chunk=5).tolist() == brute
+
+
+# -- shared-prefix scoring ----------------------------------------------------------------------------
+def test_shared_prefix_scoring_equals_naive_scoring(tiny_llava):
+    from llava.model import LlavaLlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llava["lm"], use_fast=False)
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava["lm"]).eval()
+    prefix, cand = candidate_ids(tok, demo_data.class_captions())
+    assert prefix[-1] == -200 and len({len(c) for c in cand}) > 1  # ragged candidates exercise the padding
+    gen = torch.Generator().manual_seed(1)
+    embeds = torch.randn(3, 9, model.config.hidden_size, generator=gen) * 0.05
+    fast, hidden = score_shared_prefix(model, embeds, cand, output_hidden_states=True)
+    slow = score_naive(model, embeds, cand)
+    assert fast.shape == (3, 10) and torch.allclose(fast, slow, atol=1e-4, rtol=1e-5)
+    # the prefix pass covers the image prefix and the tokens every candidate starts with ("A photo of")
+    assert len(hidden) == model.config.num_hidden_layers + 1 and torch.equal(hidden[0][:, :9], embeds)
+    assert hidden[0].shape[1] > 9
+    # and the naive score is the model's own mean token loss times the length
+    full = torch.cat([embeds[:1], model.get_input_embeddings()(torch.tensor([cand[4]]))], dim=1)
+    labels = torch.full(full.shape[:2], -100)
+    labels[0, 9:] = torch.tensor(cand[4])
+    with torch.no_grad():
+        loss = model(inputs_embeds=full, labels=labels).loss
+    assert slow[0, 4].item() == pytest.approx(-loss.item() * len(cand[4]), rel=1e-4)
+
+
+# -- the whole pipeline -------------------------------------------------------------------------------
+def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsys):
+    from basic_plugin import lens
+    from basic_plugin.demo import run
+
+    out = tmp_path / "demo"
+    assert run.main(["--tiny", "--out", str(out), "--fmnist-dir", str(synthetic_fmnist), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "[demo] done in" in printed and "zero-shot accuracy" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    pooled = summary["aggregate"]["pooled"]
+    assert pooled["n"] == 10 and 0 <= pooled["acc_a"] <= 1 and 0 <= pooled["acc_b"] <= 1
+    curves = summary["aggregate"]["lens"]
+    assert len(curves["basic"]["mean_meaningful"]) == 5  # input + 4 tiny layers
+    for name in ("report.md", "report.html", "losses.png", "lens.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    basic_log = json.loads((out / "seed0" / "basic" / "trainer_state.json").read_text())["log_history"]
+    assert [e["step"] for e in basic_log if "basic_das" in e] == [1, 2]
+    base_log = json.loads((out / "seed0" / "baseline" / "trainer_state.json").read_text())["log_history"]
+    assert not [e for e in base_log if "basic_das" in e]
+    assert "deepspeed.launcher.runner" in (out / "seed0" / "basic" / "command.txt").read_text()
+    evals = json.loads((out / "seed0" / "basic" / "eval.json").read_text())
+    assert len(evals["predictions"]) == 10 and evals["captions"]
+
+    # the lens command on the trained projector-only checkpoint
+    lens_out = tmp_path / "lens"
+    assert lens.main(["--model-path", str(out / "seed0" / "basic"), "--model-base", str(out / "tiny_model" / "lm"),
+                      "--images", str(out / "data" / "images" / "test"), "--max-images", "3", "--out", str(lens_out),
+                      "--quiet"]) == 0
+    result = json.loads((lens_out / "lens.json").read_text())
+    assert result["images"] == 3 and len(result["mean_meaningful"]) == 5 and (lens_out / "lens.png").is_file()
+    assert "[lens]" in capsys.readouterr().out
