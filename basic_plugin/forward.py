@@ -118,7 +118,9 @@ class PluginForwardMixin:
                 if name in terms or name == "lm_loss":
                     raise ValueError(f"two plugins return a loss term named {name!r}")
                 terms[name] = value
-        finite = all_ranks_agree(all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()), lm_loss.device)
+        # (no terms means no plugin active: the same on every rank, so no all-reduce is needed)
+        finite = not terms or all_ranks_agree(
+            all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()), lm_loss.device)
         self.plugin_skipped = None if finite and rows_ok else ("nonfinite" if not finite else "image_rows")
         total = lm_loss
         if finite:  # otherwise train on the LM loss alone this step, on every rank alike
