@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in (*JOBS, "train"):  # hand the rest over untouched (argparse would eat "--x" flags)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:])
+        return train(args) if argv[0] == "train" else job(args)
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -171,3 +171,12 @@ def test_vision_tower_hook_first_result_wins_and_falls_back_to_llava():
     finally:
         plugins.pm.unregister(name="tower-test")
         integration.remove_plugin_host()
+
+
+def test_cli_hands_job_flags_through_untouched(capsys):
+    from basic_plugin import cli
+
+    with pytest.raises(SystemExit) as done:
+        cli.main(["lens", "--help"])  # "--help" reaches the job's own parser
+    assert done.value.code == 0 and "--model-path" in capsys.readouterr().out
+    assert cli.main(["doctor"]) in (0, 1) and "basic-llava doctor" in capsys.readouterr().out

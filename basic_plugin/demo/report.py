@@ -117,8 +117,10 @@ def aggregate(runs: Dict[str, Dict[str, dict]]) -> dict:
         final[arm] = statistics.fmean(tails) if tails else float("nan")
         step_s[arm] = statistics.fmean(speeds) if speeds else float("nan")
     seed_acc = {arm: [arms[arm]["eval"]["accuracy"] for arms in runs.values()] for arm in ("baseline", "basic")}
+    seed_lens0 = {arm: [arms[arm]["eval"]["lens"]["mean_meaningful"][0] for arms in runs.values()
+                        if arms[arm]["eval"].get("lens")] for arm in ("baseline", "basic")}
     return {"per_seed": per_seed, "pooled": pooled, "heldout_nll": nll, "lens": lens, "final_lm_loss": final, "step_s": step_s,
-            "seed_accuracies": seed_acc}
+            "seed_accuracies": seed_acc, "seed_lens_layer0": seed_lens0}
 
 
 def terminal_table(agg: dict, cfg: dict) -> str:
@@ -140,6 +142,10 @@ def terminal_table(agg: dict, cfg: dict) -> str:
         tok = lens["baseline"]["tokens_per_image"]
         b0, s0 = lens["baseline"]["mean_meaningful"][0], lens["basic"]["mean_meaningful"][0]
         lines.append(f"{f'meaningful words, layer 0 (/{tok:g})':<{w}} {b0:>22.1f} {s0:>22.1f}")
+        if seeds > 1:
+            sl = agg["seed_lens_layer0"]
+            lines.append(f"{'  per seed':<{w}} {' '.join(f'{x:.1f}' for x in sl['baseline']):>22} "
+                         f"{' '.join(f'{x:.1f}' for x in sl['basic']):>22}")
         bb, sb = lens["baseline"]["best_layer"], lens["basic"]["best_layer"]
         best_b = f"{lens['baseline']['mean_meaningful'][bb]:.1f} (layer {bb})"
         best_s = f"{lens['basic']['mean_meaningful'][sb]:.1f} (layer {sb})"
