@@ -59,8 +59,7 @@ def test_every_hookspec_is_typed_and_documented_in_code():
     for name in specs:
         fn = getattr(hookspecs, name)
         assert fn.__doc__ and len(fn.__doc__.strip()) > 20, name
-        assert "return" in inspect.signature(fn).return_annotation.__str__().lower() or \
-            inspect.signature(fn).return_annotation is not inspect.Signature.empty, name
+        assert inspect.signature(fn).return_annotation is not inspect.Signature.empty, name
 
 
 def _llava_training_arguments():
