@@ -5,35 +5,27 @@ import argparse
 import sys
 
 
-def doctor(_args) -> int:
-    """Print the versions found and say clearly what is wrong."""
-    from basic_plugin.versions import check_versions
+def doctor(args) -> int:
+    """Print every check of :mod:`basic_plugin.doctor` (or ``--json``); exit 1 when one is bad."""
+    import contextlib
+    import json
 
-    problems = 0
+    from basic_plugin.doctor import BAD, INFO, problems, report, run_checks
+
+    as_json = getattr(args, "json", False)
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        checks = run_checks()  # with --json, whatever an import prints stays off stdout
+    count = problems(checks)
+    if as_json:
+        print(json.dumps(report(checks), indent=2))
+        return 1 if count else 0
     print("basic-llava doctor")
-    for f in check_versions():
-        mark = "ok " if f.ok else "BAD"
-        problems += not f.ok
-        print(f"  [{mark}] {f.package:<13} {f.found or '-':<16} {'' if f.note == 'ok' else f.note}")
-    try:  # llava/model/__init__.py swallows import errors: import the module itself to see the cause
-        import llava.model.language_model.llava_llama  # noqa: F401
-        import llava.train.train  # noqa: F401
-        print("  [ok ] llava.train.train imports")
-    except Exception as exc:  # noqa: BLE001 - the point is to show any failure
-        problems += 1
-        print(f"  [BAD] importing LLaVA's training code failed: {type(exc).__name__}: {exc}")
-    try:
-        from basic_plugin.plugins import available_entry_points, blocked_names
-
-        blocked = blocked_names()
-        for name, ep in sorted(available_entry_points().items()):
-            state = "blocked" if name in blocked else "enabled"
-            print(f"  plugin {name:<10} {ep.value:<30} {state}")
-    except Exception as exc:  # noqa: BLE001
-        problems += 1
-        print(f"  [BAD] listing plugins failed: {exc}")
-    print("all good" if not problems else f"{problems} problem(s) found")
-    return 1 if problems else 0
+    marks = {BAD: "BAD ", INFO: "info"}
+    for c in checks:
+        note = "" if c.note == "ok" else c.note
+        print(f"  [{marks.get(c.status, 'ok  ')}] {c.name:<20} {c.found or '-':<24} {note}".rstrip())
+    print("all good" if not count else f"{count} problem(s) found")
+    return 1 if count else 0
 
 
 def train(args) -> int:
@@ -66,7 +58,9 @@ def job(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="basic-llava", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("doctor", help="check the installed LLaVA training stack").set_defaults(func=doctor)
+    p = sub.add_parser("doctor", help="check the installed LLaVA training stack, GPU and plugins")
+    p.add_argument("--json", action="store_true", help="one JSON object: every check and the problem count")
+    p.set_defaults(func=doctor)
     p = sub.add_parser("train", help="LLaVA's train() with plugins (same flags as llava/train/train.py)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=train)

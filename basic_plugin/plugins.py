@@ -5,12 +5,19 @@ included, registered exactly like a third-party plugin). Environment variables:
 
 - ``LLAVA_PLUGINS``: comma-separated allow-list of entry-point names; unset means all.
 - ``LLAVA_PLUGINS_BLOCK``: comma-separated names never loaded.
+
+A name in either list that no installed entry point has is almost always a typo (in the
+allow-list it silently keeps every plugin out): :func:`load_plugins` warns with
+:class:`UnknownPluginWarning`, naming it and the installed names, and ``basic-llava doctor``
+counts it as a problem.
 - ``LLAVA_PLUGINS_TRACE``: ``1`` prints every hook call and result to stderr.
 """
 from __future__ import annotations
 
 import os
 import sys
+import warnings
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 
 import pluggy
@@ -41,13 +48,48 @@ def available_entry_points():
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
+class UnknownPluginWarning(UserWarning):
+    """``LLAVA_PLUGINS`` / ``LLAVA_PLUGINS_BLOCK`` names a plugin that is not installed."""
+
+
+@dataclass(frozen=True)
+class PluginEnvironment:
+    """What the environment variables make of the installed plugins."""
+
+    installed: dict[str, str]  #: entry-point name -> its module (``ep.value``)
+    allow: frozenset[str] | None  #: ``LLAVA_PLUGINS`` as names; None when unset (all allowed)
+    block: frozenset[str]  #: ``LLAVA_PLUGINS_BLOCK`` as names
+    enabled: frozenset[str] = field(default_factory=frozenset)  #: installed names that load
+    blocked: frozenset[str] = field(default_factory=frozenset)  #: installed names kept out
+    unknown: dict[str, tuple[str, ...]] = field(default_factory=dict)  #: variable -> names not installed
+
+    def unknown_message(self) -> str | None:
+        """One line naming every unknown name and the installed ones; None when there is none."""
+        if not self.unknown:
+            return None
+        parts = "; ".join(f"{env}={','.join(names)}" for env, names in self.unknown.items())
+        installed = ", ".join(sorted(self.installed)) or "(none)"
+        return (f"unknown plugin name(s) in {parts} (installed plugins: {installed}); "
+                "check the spelling" + (f" - an unknown name in {ALLOW_ENV} keeps out every plugin it "
+                                        "does not name" if ALLOW_ENV in self.unknown else ""))
+
+
+def plugin_environment() -> PluginEnvironment:
+    """Installed, enabled, blocked and unknown plugin names under ``LLAVA_PLUGINS*``."""
+    installed = {name: ep.value for name, ep in available_entry_points().items()}
+    allow, block = _names(ALLOW_ENV), set(_names(BLOCK_ENV) or ())
+    blocked = {n for n in installed if n in block or (allow is not None and n not in allow)}
+    unknown = {env: tuple(sorted(names - set(installed)))
+               for env, names in ((ALLOW_ENV, allow or set()), (BLOCK_ENV, block)) if names - set(installed)}
+    return PluginEnvironment(installed=installed, allow=None if allow is None else frozenset(allow),
+                             block=frozenset(block), enabled=frozenset(set(installed) - blocked),
+                             blocked=frozenset(blocked), unknown=unknown)
+
+
 def blocked_names() -> set[str]:
-    """Entry-point names that the environment keeps from loading."""
-    blocked = set(_names(BLOCK_ENV) or ())
-    allowed = _names(ALLOW_ENV)
-    if allowed is not None:
-        blocked |= set(available_entry_points()) - allowed
-    return blocked
+    """Entry-point names that the environment keeps from loading (``LLAVA_PLUGINS_BLOCK`` as given)."""
+    env = plugin_environment()
+    return set(env.blocked) | set(env.block)
 
 
 def load_plugins() -> pluggy.PluginManager:
@@ -56,7 +98,11 @@ def load_plugins() -> pluggy.PluginManager:
     if _loaded:
         return pm
     _loaded = True
-    for name in blocked_names():
+    env = plugin_environment()
+    message = env.unknown_message()
+    if message:
+        warnings.warn(message, UnknownPluginWarning, stacklevel=2)
+    for name in env.blocked | env.block:
         pm.set_blocked(name)
     for name, ep in sorted(available_entry_points().items()):
         if pm.is_blocked(name) or pm.get_plugin(name) is not None:

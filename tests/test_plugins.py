@@ -179,3 +179,69 @@ def test_cli_hands_job_flags_through_untouched(capsys):
         cli.main(["lens", "--help"])  # "--help" reaches the job's own parser
     assert done.value.code == 0 and "--model-path" in capsys.readouterr().out
     assert cli.main(["doctor"]) in (0, 1) and "basic-llava doctor" in capsys.readouterr().out
+
+
+# -- names in LLAVA_PLUGINS / LLAVA_PLUGINS_BLOCK that no installed plugin has ------------------
+
+def _fake_entry_points(monkeypatch):
+    """The installed plugins, fixed: basic and a toy one (independent of what pip installed)."""
+    from importlib.metadata import EntryPoint
+
+    eps = {"basic": EntryPoint("basic", "basic_plugin.basic.plugin", plugins.ENTRY_POINT_GROUP),
+           "toy": EntryPoint("toy", "tests.toy_llava_plugin", plugins.ENTRY_POINT_GROUP)}
+    monkeypatch.setattr(plugins, "available_entry_points", lambda: dict(eps))
+    return eps
+
+
+def _unknown_warnings(record):
+    return [str(w.message) for w in record if issubclass(w.category, plugins.UnknownPluginWarning)]
+
+
+def test_mistyped_allow_list_name_warns_with_the_installed_names(fresh_plugins, monkeypatch):
+    eps = _fake_entry_points(monkeypatch)
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basci")
+    with pytest.warns(plugins.UnknownPluginWarning) as record:
+        pm = fresh_plugins.load_plugins()
+    (message,) = _unknown_warnings(record)
+    assert "basci" in message and plugins.ALLOW_ENV in message
+    assert all(name in message.replace("basci", "") for name in eps)
+    assert pm.get_plugin("basic") is None and pm.get_plugin("toy") is None  # what the warning is about
+
+
+def test_unknown_block_name_warns_and_the_rest_still_loads(fresh_plugins, monkeypatch):
+    _fake_entry_points(monkeypatch)
+    monkeypatch.setenv(plugins.BLOCK_ENV, "toy, no-such-plugin")
+    with pytest.warns(plugins.UnknownPluginWarning) as record:
+        pm = fresh_plugins.load_plugins()
+    (message,) = _unknown_warnings(record)
+    assert "no-such-plugin" in message and plugins.BLOCK_ENV in message
+    assert "toy" not in message.split("installed")[0]  # a known name is not called unknown
+    assert pm.get_plugin("basic") is not None and pm.is_blocked("toy")
+
+
+def test_known_names_do_not_warn(fresh_plugins, monkeypatch):
+    import warnings
+
+    _fake_entry_points(monkeypatch)
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basic,toy")
+    monkeypatch.setenv(plugins.BLOCK_ENV, "toy")
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        pm = fresh_plugins.load_plugins()
+    assert _unknown_warnings(record) == []
+    assert pm.get_plugin("basic") is not None and pm.is_blocked("toy")
+
+
+def test_plugin_environment_sorts_names(fresh_plugins, monkeypatch):
+    eps = _fake_entry_points(monkeypatch)
+    env = fresh_plugins.plugin_environment()
+    assert set(env.installed) == set(eps) and env.enabled == set(eps) and not env.blocked and not env.unknown
+    monkeypatch.setenv(plugins.ALLOW_ENV, "toy,ghost")
+    monkeypatch.setenv(plugins.BLOCK_ENV, "toy,phantom")
+    env = fresh_plugins.plugin_environment()
+    assert env.blocked == {"basic", "toy"} and env.enabled == set()
+    assert env.unknown == {plugins.ALLOW_ENV: ("ghost",), plugins.BLOCK_ENV: ("phantom",)}
+    # the loader keeps out exactly what the environment reports as blocked
+    with pytest.warns(plugins.UnknownPluginWarning):
+        pm = fresh_plugins.load_plugins()
+    assert {n for n in eps if pm.get_plugin(n) is None} == env.blocked
