@@ -9,11 +9,13 @@ with all three, so bad settings stop the run before the model loads.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import sys
 import typing
 
 from basic_plugin.plugins import load_plugins, pm
+from basic_plugin.refusal import Refusal
 
 CLASS_NAME = "PluginTrainingArguments"
 
@@ -26,11 +28,20 @@ class HostArguments:
     """Flags of the plugin host itself."""
 
     plugin_max_nonfinite_steps: int = dataclasses.field(default=20, metadata={
-        "help": "Stop (saving a checkpoint) after this many consecutive steps whose plugin loss terms were "
-                "NaN/inf or whose image rows did not check out; such steps train on the LM loss alone."})
+        "help": "Stop (saving a checkpoint) after this many consecutive steps whose language-model loss was "
+                "NaN/inf (e.g. no supervised token left after truncation), or whose plugin loss terms were NaN/inf "
+                "or whose image rows did not check out (such steps train on the LM loss alone)."})
     seed_model_init: bool = dataclasses.field(default=False, metadata={
         "help": "Seed with --seed before the model is built, so the new projector starts the same in every run "
                 "(LLaVA builds it before the Trainer seeds anything: baseline and BASIC runs start apart)."})
+    data_preflight: str = dataclasses.field(default="auto", metadata={
+        "help": "Check every record of --data_path before the model loads: fast (keys, turns, <image> tags, "
+                "image inside --image_folder and present, LLaVA's preprocess on a sample), full (also decodes "
+                "every image and preprocesses every record), off. auto: fast when a plugin is on, else off.",
+        "choices": ["auto", "full", "fast", "off"]})
+    skip_bad_records: bool = dataclasses.field(default=False, metadata={
+        "help": "When the pre-flight finds unusable records, train on the others (listed in "
+                "<output_dir>/preflight/report.json) instead of stopping."})
 
 
 def plugin_argument_classes() -> list[type]:
@@ -61,6 +72,8 @@ def host_checks(model_args, data_args, training_args) -> None:
             and getattr(model_args, "mm_use_im_start_end", False):
         raise ValueError("--tune_mm_mlp_adapter True with --mm_use_im_start_end True is not supported by LLaVA "
                          "(it fails at the first step); allowed: --mm_use_im_start_end False for pretraining")
+    if training_args.data_preflight not in ("auto", "full", "fast", "off"):
+        raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; allowed: auto|full|fast|off")
     if training_args.plugin_max_nonfinite_steps < 1:
         raise ValueError(f"--plugin_max_nonfinite_steps {training_args.plugin_max_nonfinite_steps} is invalid; "
                          "allowed: an integer >= 1")
@@ -70,6 +83,36 @@ def host_checks(model_args, data_args, training_args) -> None:
             f"--output_dir {training_args.output_dir} holds checkpoint-* folders: LLaVA would try to resume, but "
             "projector pretraining checkpoints hold only mm_projector.bin (vanilla LLaVA behaviour) and cannot be "
             "resumed; use a fresh --output_dir or start from that mm_projector.bin")
+
+
+def switch_of(cls: type) -> str | None:
+    """The flag that turns a plugin on (class attribute ``switch``, e.g. ``"basic"``), if it declares one."""
+    switch = getattr(cls, "switch", None)
+    return switch if isinstance(switch, str) and switch in {f.name for f in dataclasses.fields(cls)} else None
+
+
+def active_plugin_classes(training_args, plugin_classes: list[type]) -> list[type]:
+    """The plugin argument classes whose switch is on."""
+    return [cls for cls in plugin_classes if switch_of(cls) and getattr(training_args, switch_of(cls))]
+
+
+def check_plugin_values(training_args, plugin_classes: list[type]) -> None:
+    """Refuse what can only waste a run: non-finite numbers, and a plugin's flags while it is off."""
+    for cls in plugin_classes:
+        for f in dataclasses.fields(cls):
+            value = getattr(training_args, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise Refusal(f"--{f.name} {value} is invalid; allowed: a finite number")
+        switch = switch_of(cls)
+        if switch is None or getattr(training_args, switch):
+            continue
+        given = [f.name for f in dataclasses.fields(cls) if f.name != switch
+                 and f.default is not dataclasses.MISSING and getattr(training_args, f.name) != f.default]
+        if given:
+            flags = ", ".join(f"--{n} {getattr(training_args, n)}" for n in given)
+            raise Refusal(f"{flags}: set while --{switch} is off, so the run would ignore "
+                          f"{'it' if len(given) == 1 else 'them'}; allowed: add --{switch} True, or drop "
+                          f"{'the flag' if len(given) == 1 else 'these flags'}")
 
 
 def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
@@ -91,8 +134,18 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
     def __post_init__(self):
         base.__post_init__(self)
         model_args, data_args = _parsed.pop("model", None), _parsed.pop("data", None)
-        host_checks(model_args, data_args, self)
-        pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
+        try:
+            host_checks(model_args, data_args, self)
+            check_plugin_values(self, plugin_classes)
+            pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
+        except Refusal:
+            raise
+        except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
+            raise Refusal(str(error)) from error
+        from basic_plugin.preflight import run_preflight
+
+        run_preflight(model_args, data_args, self,
+                      plugin_active=bool(active_plugin_classes(self, plugin_classes)))
         if self.seed_model_init:
             import transformers
 

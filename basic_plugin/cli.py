@@ -43,6 +43,7 @@ JOBS = {
     "data": ("basic_plugin.demo.data", "build the demo's LLaVA-format datasets from packaged images"),
     "demo": ("basic_plugin.demo.run", "the CPU demo: baseline vs BASIC on a real mini-LLaVA, with a report"),
     "lens": ("basic_plugin.lens", "per-layer nearest-word analysis of image tokens for a LLaVA checkpoint"),
+    "preflight": ("basic_plugin.preflight", "check a LLaVA dataset as training would (same flags), loading no model"),
     "bench": ("basic_plugin.bench", "BASIC's memory and time cost, naive vs chunked, and per training step"),
 }
 

@@ -2,61 +2,95 @@
 
 A record is ``{"id", "image" (optional, relative to the image folder),
 "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
+
+:func:`record_problem` is the one rule set. It is used by the data pre-flight that runs
+before training (:mod:`basic_plugin.preflight`, all records, counted per problem) and by
+the demo's data builders (:func:`validate_records`, first problem raised).
 """
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 ROLES = ("human", "gpt")
 IMAGE_TAG = "<image>"
+
+#: problem kinds :func:`record_problem` can report, in the order they are checked
+PROBLEM_KINDS = ("not_an_object", "missing_key", "bad_turns", "image_tag_count", "tag_without_image",
+                 "bad_image_path", "outside_image_folder", "missing_image_file")
 
 
 class RecordError(ValueError):
     """A training record is malformed; the message names the record and the problem."""
 
 
-def validate_record(record, image_folder: str | os.PathLike | None, index: int = 0, *, check_files: bool = True) -> None:
-    """Raise :class:`RecordError` when ``record`` is not a usable LLaVA record."""
-    where = f"record {index}" + (f" (id {record.get('id')!r})" if isinstance(record, dict) and "id" in record else "")
+def record_problem(record, image_folder: Optional[str], *, check_files: bool = True) -> Optional[tuple[str, str]]:
+    """``(kind, detail)`` of the first problem of ``record``, or None when it is usable.
+
+    ``image_folder`` must be an absolute, normalised path (or None to skip the path
+    checks). Paths are checked lexically (``..`` may not leave the folder); symbolic links
+    inside the folder are followed, as LLaVA's loader does.
+    """
     if not isinstance(record, dict):
-        raise RecordError(f"{where}: expected an object, got {type(record).__name__}")
+        return "not_an_object", f"expected an object, got {type(record).__name__}"
     for key in ("id", "conversations"):
         if key not in record:
-            raise RecordError(f"{where}: missing key {key!r}")
+            return "missing_key", f"missing key {key!r}"
     turns = record["conversations"]
     if not isinstance(turns, list) or not turns:
-        raise RecordError(f"{where}: 'conversations' must be a non-empty list")
+        return "bad_turns", "'conversations' must be a non-empty list"
+    tags = 0
     for k, turn in enumerate(turns):
         if not isinstance(turn, dict) or turn.get("from") not in ROLES or not isinstance(turn.get("value"), str):
-            raise RecordError(f"{where}: turn {k} must be {{'from': 'human'|'gpt', 'value': str}}")
+            return "bad_turns", f"turn {k} must be {{'from': 'human'|'gpt', 'value': str}}"
         if turn["from"] != ROLES[k % 2]:
-            raise RecordError(f"{where}: turn {k} should come from {ROLES[k % 2]!r} (turns alternate)")
-    tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
-    if "image" in record:
-        image = record["image"]
-        if not isinstance(image, str) or not image:
-            raise RecordError(f"{where}: 'image' must be a relative path")
-        if tags != 1:
-            raise RecordError(f"{where}: a record with an image needs exactly one {IMAGE_TAG} tag, found {tags}")
-        if image_folder is not None:
-            folder = Path(image_folder).resolve()
-            path = (folder / image).resolve()
-            if os.path.isabs(image) or folder not in path.parents:
-                raise RecordError(f"{where}: image path {image!r} points outside the image folder {folder}")
-            if check_files and not path.is_file():
-                raise RecordError(f"{where}: image file {path} does not exist")
-    elif tags:
-        raise RecordError(f"{where}: {IMAGE_TAG} tag without an 'image' key")
+            return "bad_turns", f"turn {k} should come from {ROLES[k % 2]!r} (turns alternate)"
+        tags += turn["value"].count(IMAGE_TAG)
+    if "image" not in record:
+        if tags:
+            return "tag_without_image", f"{IMAGE_TAG} tag without an 'image' key"
+        return None
+    image = record["image"]
+    if not isinstance(image, str) or not image:
+        return "bad_image_path", "'image' must be a relative path"
+    if tags != 1:
+        return "image_tag_count", f"a record with an image needs exactly one {IMAGE_TAG} tag, found {tags}"
+    if image_folder is None:
+        return None
+    path = os.path.normpath(os.path.join(image_folder, image))
+    if os.path.isabs(image) or not path.startswith(image_folder.rstrip(os.sep) + os.sep):
+        return "outside_image_folder", f"image path {image!r} points outside the image folder {image_folder}"
+    if check_files and not os.path.isfile(path):
+        return "missing_image_file", f"image file {path} does not exist"
+    return None
+
+
+def record_label(record, index: int) -> str:
+    """How messages name a record: its index, and its id when it has one."""
+    return f"record {index}" + (f" (id {record.get('id')!r})" if isinstance(record, dict) and "id" in record else "")
+
+
+def normalised_folder(image_folder) -> Optional[str]:
+    return None if image_folder is None else os.path.normpath(os.path.abspath(os.fspath(image_folder)))
+
+
+def validate_record(record, image_folder: str | os.PathLike | None, index: int = 0, *, check_files: bool = True) -> None:
+    """Raise :class:`RecordError` when ``record`` is not a usable LLaVA record."""
+    problem = record_problem(record, normalised_folder(image_folder), check_files=check_files)
+    if problem is not None:
+        raise RecordError(f"{record_label(record, index)}: {problem[1]}")
 
 
 def validate_records(records: Iterable, image_folder=None, *, check_files: bool = True) -> int:
     """Validate every record; return how many there are."""
+    folder = normalised_folder(image_folder)
     count = 0
     for index, record in enumerate(records):
-        validate_record(record, image_folder, index, check_files=check_files)
+        problem = record_problem(record, folder, check_files=check_files)
+        if problem is not None:
+            raise RecordError(f"{record_label(record, index)}: {problem[1]}")
         count += 1
     if count == 0:
         raise RecordError("the dataset has no records")

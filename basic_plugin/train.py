@@ -5,6 +5,11 @@ plugins (``--basic True`` for BASIC). Use it where flash-attn is absent, e.g. on
 """
 from __future__ import annotations
 
+import os
+import sys
+
+from basic_plugin.refusal import RunStopped
+
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
 
 
@@ -35,8 +40,21 @@ def main(attn_implementation: str | None = None) -> None:
     except ValueError as error:
         if UNUSED_ARGS in str(error):
             raise SystemExit(explain_unknown_flags(error)) from None
+        refuse(error)
         raise
+    except RunStopped as stop:
+        print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(3) from None
     finish_distributed()
+
+
+def refuse(error: ValueError) -> None:
+    """A :class:`Refusal` ends the run with ``error: <message>`` and status 2, no traceback."""
+    from basic_plugin.refusal import TRACEBACK_ENV, Refusal
+
+    if isinstance(error, Refusal) and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

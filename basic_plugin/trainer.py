@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from basic_plugin.forward import PluginForwardMixin
+from basic_plugin.forward import PluginForwardMixin, all_ranks_agree
 from basic_plugin.plugins import pm
+from basic_plugin.refusal import RunStopped
 
 
 def find_plugin_model(model):
@@ -49,6 +50,8 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             self._term_sums: dict[str, float] = {}
             self._term_count = 0
             self.plugin_skipped_total = self._skipped_in_a_row = 0
+            self.lm_nonfinite_total = self._lm_nonfinite_in_a_row = 0
+            self._window_steps = self._window_lm_nonfinite = 0
             self.plugin_stop_reason = None
             self.add_callback(PluginStopCallback(self))
 
@@ -68,12 +71,33 @@ def plugin_trainer_class(llava_trainer: type) -> type:
                 self._plugin_model.plugin_terms = {}
             result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
             terms = getattr(self._plugin_model, "plugin_terms", None) if model.training else None
+            if model.training:
+                lm_loss = terms["lm_loss"] if terms else (result[0] if isinstance(result, tuple) else result)
+                self._count_lm_loss(all_ranks_agree(bool(torch.isfinite(lm_loss.detach()).all()), lm_loss.device))
             if terms:
                 for name, value in terms.items():
                     self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
                 self._term_count += 1
                 self._count_skips(getattr(self._plugin_model, "plugin_skipped", None))
             return result
+
+        def _count_lm_loss(self, finite: bool) -> None:
+            """A step whose LM loss is NaN/inf learns nothing: count it, log it, stop after too many in a row."""
+            self._window_steps += 1
+            if finite:
+                self._lm_nonfinite_in_a_row = 0
+                return
+            self.lm_nonfinite_total += 1
+            self._lm_nonfinite_in_a_row += 1
+            self._window_lm_nonfinite += 1
+            logger.warning("step %d: the language-model loss is not finite (a batch with no supervised token "
+                           "left after truncation gives NaN); this step learns nothing", self.state.global_step + 1)
+            limit = getattr(self.args, "plugin_max_nonfinite_steps", 20)
+            if self._lm_nonfinite_in_a_row >= limit and not self.plugin_stop_reason:
+                self.plugin_stop_reason = (
+                    f"{self._lm_nonfinite_in_a_row} consecutive steps had a non-finite language-model loss "
+                    f"(limit --plugin_max_nonfinite_steps {limit}); `--data_preflight full` finds records that "
+                    "truncation leaves with no supervised token")
 
         def _count_skips(self, reason):
             """Bad plugin terms cost the step its auxiliary loss; too many in a row stop the run."""
@@ -93,13 +117,33 @@ def plugin_trainer_class(llava_trainer: type) -> type:
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
             if self.plugin_stop_reason:
-                saved = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
-                raise RuntimeError(f"basic-llava stopped the run at step {self.state.global_step}: "
-                                   f"{self.plugin_stop_reason}. Checkpoint saved in {saved}.")
+                step = self.state.global_step
+                saved = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+                restart = "the same command resumes from it"
+                if getattr(self.args, "tune_mm_mlp_adapter", False):
+                    # LLaVA's pretraining checkpoints hold only mm_projector.bin and cannot be resumed;
+                    # renamed, the folder does not block a restart of the same command
+                    kept = os.path.join(self.args.output_dir, f"stopped-at-step-{step}")
+                    if self.args.process_index == 0 and os.path.isdir(saved):
+                        if os.path.isdir(kept):
+                            import shutil
+
+                            shutil.rmtree(kept)
+                        os.replace(saved, kept)
+                    saved = kept
+                    restart = ("the same command starts afresh in this folder; its mm_projector.bin can seed "
+                               "--pretrain_mm_mlp_adapter")
+                raise RunStopped(f"stopped the run at step {step}: {self.plugin_stop_reason}. "
+                                 f"Checkpoint saved in {saved} ({restart}).")
             return result
 
         def log(self, logs, *args, **kwargs):
             if "loss" in logs:
+                if self._window_steps and self._window_lm_nonfinite == self._window_steps:
+                    logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
+                if self.lm_nonfinite_total:
+                    logs["lm_loss_nonfinite_steps"] = self.lm_nonfinite_total
+                self._window_steps = self._window_lm_nonfinite = 0
                 logs.update(self._mean_terms())
                 if self.plugin_skipped_total:
                     logs["plugin_skipped_steps"] = self.plugin_skipped_total

@@ -45,12 +45,28 @@ def parse(parser, tiny_llava, out, *extra, stage="pretrain"):
     (["--image_aspect_ratio", "anyres"], "--image_aspect_ratio square|pad"),
     (["--mm_use_im_start_end", "True"], "--tune_mm_mlp_adapter True with --mm_use_im_start_end True"),
     (["--plugin_max_nonfinite_steps", "0"], "--plugin_max_nonfinite_steps 0 is invalid"),
+    (["--basic_lambda_sds", "nan"], "--basic_lambda_sds nan is invalid; allowed: a finite number"),
+    (["--basic_lambda_das", "inf"], "--basic_lambda_das inf is invalid; allowed: a finite number"),
+    (["--basic_temperature", "inf"], "--basic_temperature inf is invalid; allowed: a finite number"),
+    (["--data_preflight", "sometimes"], "invalid choice"),
 ])
-def test_invalid_settings_are_refused_while_parsing(host_parser, tiny_llava, tmp_path, extra, message):
+def test_invalid_settings_are_refused_while_parsing(host_parser, tiny_llava, tmp_path, extra, message, capsys):
     out = tmp_path / "out"
-    with pytest.raises(ValueError) as error:
+    with pytest.raises((ValueError, SystemExit)) as error:
         parse(host_parser, tiny_llava, out, *extra)
-    assert message in str(error.value)
+    assert message in (str(error.value) + capsys.readouterr().err)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--basic_lambda_das", "0.1"], ["--basic_depth", "2", "--basic_kl", "reverse"]])
+def test_plugin_flags_without_the_plugin_switch_are_refused(host_parser, tiny_llava, tmp_path, extra):
+    from basic_plugin.refusal import Refusal
+
+    out = tmp_path / "out"
+    args = tiny_train_args(tiny_llava, "data.json", "images", out, stage="pretrain", extra=extra)
+    with pytest.raises(Refusal) as error:
+        host_parser.parse_args_into_dataclasses(args)
+    assert str(error.value).startswith(f"--{extra[0][2:]} {extra[1]}") and "allowed: add --basic True" in str(error.value)
     assert not out.exists()
 
 
@@ -144,7 +160,7 @@ def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
 def test_too_many_nonfinite_steps_stop_with_a_checkpoint(tiny_llava, tiny_data_v1, tmp_path, toy_plugin_env):
     out = tmp_path / "run"
     args = tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=6,
-                           extra=["--toy_weight", "nan", "--plugin_max_nonfinite_steps", "2"])
+                           extra=["--toy_weight", "1e39", "--plugin_max_nonfinite_steps", "2"])  # inf in float32
     with pytest.raises(AssertionError) as failure:
         run_training(HOST, args, output_dir=out, env=toy_plugin_env)
     text = str(failure.value)

@@ -1,8 +1,9 @@
 """BASIC's flags, added to LLaVA's ``train()`` by the plugin host."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import ClassVar, Optional
 
 VOCAB_CHOICES = ("embed", "lm_head")
 WEIGHT_CHOICES = ("raw", "sum1", "uniform")
@@ -11,6 +12,9 @@ KL_CHOICES = ("forward", "reverse")
 
 @dataclass
 class BasicArguments:
+    #: the flag that turns BASIC on; the host refuses the other basic_* flags while it is off
+    switch: ClassVar[str] = "basic"
+
     basic: bool = field(default=False, metadata={"help": "Enable BASIC's visual supervision of the projector."})
     basic_depth: Optional[int] = field(default=None, metadata={
         "help": "Supervision depth k: target = l^2-weighted mean of layers 1..k (default: half the LLM's layers)."})
@@ -46,10 +50,11 @@ def validate_basic_arguments(args) -> None:
     if args.basic_depth is not None and args.basic_depth < 1:
         bad("basic_depth", args.basic_depth, "an integer >= 1 and <= the LLM's layer count")
     for flag in ("basic_lambda_das", "basic_lambda_sds"):
-        if getattr(args, flag) < 0:
-            bad(flag, getattr(args, flag), "a number >= 0")
-    if not args.basic_temperature > 0:
-        bad("basic_temperature", args.basic_temperature, "a number > 0")
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            bad(flag, value, "a finite number >= 0")
+    if not (math.isfinite(args.basic_temperature) and args.basic_temperature > 0):
+        bad("basic_temperature", args.basic_temperature, "a finite number > 0")
     for flag, choices in (("basic_vocab", VOCAB_CHOICES), ("basic_patch_weights", WEIGHT_CHOICES),
                           ("basic_kl", KL_CHOICES)):
         if getattr(args, flag) not in choices:
