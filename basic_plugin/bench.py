@@ -1010,7 +1010,7 @@ def _ratio(a, b) -> Optional[float]:
 
 
 def evaluate_targets(report, args=None) -> List[Dict[str, object]]:
-    """PASS/MISS for the issue's four targets, from the numbers in ``report``.
+    """PASS/MISS for the project's four targets, from the numbers in ``report``.
 
     Memory targets use the acct peaks (every batch has one); the time target uses the
     medians over the batches timed on both paths; the step target is checked for every
