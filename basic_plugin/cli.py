@@ -6,11 +6,11 @@ import sys
 
 
 def doctor(args) -> int:
-    """Print every check of :mod:`basic_plugin.doctor` (or ``--json``); exit 1 when one is bad."""
+    """Print every check of :mod:`basic_plugin.host.doctor` (or ``--json``); exit 1 when one is bad."""
     import contextlib
     import json
 
-    from basic_plugin.doctor import BAD, INFO, problems, report, run_checks
+    from basic_plugin.host.doctor import BAD, INFO, problems, report, run_checks
 
     as_json = getattr(args, "json", False)
     with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
@@ -30,7 +30,7 @@ def doctor(args) -> int:
 
 def train(args) -> int:
     """Run LLaVA's ``train()`` with the plugin host; the remaining arguments are LLaVA's."""
-    from basic_plugin.train import main
+    from basic_plugin.host.train import main
 
     sys.argv = [sys.argv[0], *args.rest]
     main()
@@ -39,12 +39,12 @@ def train(args) -> int:
 
 #: subcommands that hand their own arguments to ``<module>.main(argv)``
 JOBS = {
-    "assets": ("basic_plugin.assets.install", "install and convert the real pretrained parts (offline cache)"),
-    "data": ("basic_plugin.demo.data", "build the demo's LLaVA-format datasets from packaged images"),
-    "demo": ("basic_plugin.demo.run", "the CPU demo: baseline vs BASIC on a real mini-LLaVA, with a report"),
-    "lens": ("basic_plugin.lens", "per-layer nearest-word analysis of image tokens for a LLaVA checkpoint"),
-    "preflight": ("basic_plugin.preflight", "check a LLaVA dataset as training would (same flags), loading no model"),
-    "bench": ("basic_plugin.bench", "BASIC's memory and time cost, naive vs chunked, and per training step"),
+    "assets": ("basic_plugin.lab.assets.install", "install and convert the real pretrained parts (offline cache)"),
+    "data": ("basic_plugin.lab.demo.data", "build the demo's LLaVA-format datasets from packaged images"),
+    "demo": ("basic_plugin.lab.demo.run", "the CPU demo: baseline vs BASIC on a real mini-LLaVA, with a report"),
+    "lens": ("basic_plugin.lab.lens", "per-layer nearest-word analysis of image tokens for a LLaVA checkpoint"),
+    "preflight": ("basic_plugin.host.preflight", "check a LLaVA dataset as training would (same flags), loading no model"),
+    "bench": ("basic_plugin.lab.bench", "BASIC's memory and time cost, naive vs chunked, and per training step"),
 }
 
 

@@ -1,61 +1,9 @@
 """``python -m basic_plugin.train``: LLaVA's own ``train()`` with the plugin host (default attention).
 
-Same arguments as ``llava/train/train.py`` plus the flags of the installed
-plugins (``--basic True`` for BASIC). Use it where flash-attn is absent, e.g. on CPU.
+Same arguments as ``llava/train/train.py`` plus the flags of the installed plugins
+(``--basic True`` for BASIC). The code is :mod:`basic_plugin.host.train`.
 """
-from __future__ import annotations
-
-import os
-import sys
-
-from basic_plugin.refusal import RunStopped
-
-UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
-
-
-def explain_unknown_flags(error: ValueError) -> str:
-    """LLaVA's parser only says flags were unused; say which plugin would have taken them."""
-    from basic_plugin.plugins import ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names
-
-    blocked = sorted(blocked_names() & set(available_entry_points()))
-    hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
-            "while they are blocked." if blocked else " No installed plugin defines them (see `basic-llava doctor`).")
-    return f"basic-llava: unknown training flags. {error}.{hint}"
-
-
-def main(attn_implementation: str | None = None) -> None:
-    from basic_plugin.compat import allow_checkpoint_rng_states
-    from basic_plugin.cpu import apply_cpu_workarounds, finish_distributed
-    from basic_plugin.integration import apply_plugin_host
-    from basic_plugin.versions import require_supported_versions
-
-    require_supported_versions()
-    apply_cpu_workarounds()
-    allow_checkpoint_rng_states()
-    apply_plugin_host()
-    import llava.train.train as llava_train
-
-    try:
-        llava_train.train(attn_implementation=attn_implementation)
-    except ValueError as error:
-        if UNUSED_ARGS in str(error):
-            raise SystemExit(explain_unknown_flags(error)) from None
-        refuse(error)
-        raise
-    except RunStopped as stop:
-        print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
-    finish_distributed()
-
-
-def refuse(error: ValueError) -> None:
-    """A :class:`Refusal` ends the run with ``error: <message>`` and status 2, no traceback."""
-    from basic_plugin.refusal import TRACEBACK_ENV, Refusal
-
-    if isinstance(error, Refusal) and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
+from basic_plugin.host.train import main
 
 if __name__ == "__main__":
     main()

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from basic_plugin.preflight import preflight
+    from basic_plugin.host.preflight import preflight
     from basic_plugin.tiny import build_tiny_llava
 
     workdir = Path(args.workdir)

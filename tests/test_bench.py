@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from basic_plugin import bench
+from basic_plugin.lab import bench
 
 SHAPES = dict(image_tokens=16, hidden=64, vocab_size=500)
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from basic_plugin.demo import data as demo_data
-from basic_plugin.demo.evaluate import (candidate_ids, compare_paired, mcnemar_exact, mcnemar_sample_size, paired_bootstrap,
+from basic_plugin.lab.demo import data as demo_data
+from basic_plugin.lab.demo.evaluate import (candidate_ids, compare_paired, mcnemar_exact, mcnemar_sample_size, paired_bootstrap,
                                         score_naive, score_shared_prefix, wilson_interval)
-from basic_plugin.lens import LayerLens, is_meaningful_word, meaningful_token_mask, nearest_tokens, normalized_vocabulary, token_text
-from basic_plugin.records import RecordError, load_records, validate_record
+from basic_plugin.lab.lens import LayerLens, is_meaningful_word, meaningful_token_mask, nearest_tokens, normalized_vocabulary, token_text
+from basic_plugin.host.records import RecordError, load_records, validate_record
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -237,8 +237,8 @@ def test_shared_prefix_scoring_equals_naive_scoring(tiny_llava):
 
 # -- the whole pipeline -------------------------------------------------------------------------------
 def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsys):
-    from basic_plugin import lens
-    from basic_plugin.demo import run
+    from basic_plugin.lab import lens
+    from basic_plugin.lab.demo import run
 
     out = tmp_path / "demo"
     assert run.main(["--tiny", "--out", str(out), "--fmnist-dir", str(synthetic_fmnist), "--quiet"]) == 0

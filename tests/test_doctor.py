@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from basic_plugin import cli, doctor, plugins
+from basic_plugin import cli
+from basic_plugin.host import doctor, plugins
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 def fixed_plugins(monkeypatch):
     """Installed plugins fixed to basic, basic-llava and a toy one; no LLAVA_PLUGINS* set."""
     eps = {name: EntryPoint(name, value, plugins.ENTRY_POINT_GROUP) for name, value in
-           (("basic", "basic_plugin.basic.plugin"), ("basic-llava", "basic_plugin.native"),
+           (("basic", "basic_plugin.basic.plugin"), ("basic-llava", "basic_plugin.host.native"),
             ("toy", "tests.toy_llava_plugin"))}
     monkeypatch.setattr(plugins, "available_entry_points", lambda: dict(eps))
     for env in (plugins.ALLOW_ENV, plugins.BLOCK_ENV):

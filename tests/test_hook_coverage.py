@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from basic_plugin import hookspecs
+from basic_plugin.host import hookspecs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("llava_"))

@@ -34,7 +34,7 @@ CODE_PATCH = PATCHES / "0001-plugin-hooks.patch"
 SCRIPTS_PATCH = PATCHES / "0002-scripts-basic-flag.patch"
 CODE_FILES = {"llava/plugins.py", "llava/train/train.py", "llava/model/multimodal_encoder/builder.py"}
 SCRIPT_FILES = {f"scripts/v1_5/{n}.sh" for n in ("pretrain", "finetune", "finetune_lora")}
-HOST_ENTRY_POINT = ("basic-llava", "basic_plugin.native")
+HOST_ENTRY_POINT = ("basic-llava", "basic_plugin.host.native")
 STEPS = 3
 
 
@@ -160,7 +160,7 @@ def test_native_module_passes_the_hosts_validation():
     """The host's own manager loads the ``basic-llava`` entry point too: it must pass ``check_pending``."""
     import pluggy
 
-    from basic_plugin import hookspecs, native
+    from basic_plugin.host import hookspecs, native
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
@@ -172,7 +172,7 @@ def test_native_module_passes_the_hosts_validation():
 
 def test_native_host_replaces_what_the_runtime_integration_swaps():
     """``native.HOSTED_CLASSES`` = the ``llava.train.train`` globals ``apply_plugin_host`` swaps, all in the patch."""
-    from basic_plugin import integration, native
+    from basic_plugin.host import integration, native
 
     applied_before = integration.plugin_host_applied()
     integration.apply_plugin_host()

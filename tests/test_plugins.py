@@ -6,8 +6,8 @@ import pytest
 import transformers
 
 import basic_plugin
-from basic_plugin import hookspecs, plugins
-from basic_plugin.arguments import build_training_arguments
+from basic_plugin.host import hookspecs, plugins
+from basic_plugin.host.arguments import build_training_arguments
 from basic_plugin.basic.arguments import BasicArguments
 
 
@@ -118,7 +118,7 @@ def test_apply_and_remove_the_seams_are_idempotent_and_reversible():
     import llava.model.llava_arch as arch
     import llava.train.train as llava_train
 
-    from basic_plugin import integration
+    from basic_plugin.host import integration
 
     integration.remove_plugin_host()
     names = ("TrainingArguments", "LlavaLlamaForCausalLM", "LLaVATrainer")
@@ -157,7 +157,7 @@ def test_vision_tower_hook_first_result_wins_and_falls_back_to_llava():
 
     import llava.model.llava_arch as arch
 
-    from basic_plugin import integration
+    from basic_plugin.host import integration
 
     plugins.load_plugins()
     plugins.pm.register(TowerPlugin(), name="tower-test")

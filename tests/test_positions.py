@@ -5,7 +5,7 @@ import pytest
 import torch
 from llava.model.llava_arch import LlavaMetaForCausalLM
 
-from basic_plugin.positions import IMAGE_TOKEN_INDEX, image_token_positions
+from basic_plugin.host.positions import IMAGE_TOKEN_INDEX, image_token_positions
 from tests.helpers import collate_right_padded
 
 D = 3

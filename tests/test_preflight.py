@@ -80,7 +80,7 @@ def test_vanilla_runs_have_no_preflight_unless_asked(tiny_llava, bad_data, tmp_p
     code, output = run_refused(tiny_train_args(tiny_llava, bad_data["json"], bad_data["folder"], out,
                                                extra=["--data_preflight", "fast"]), out)
     assert code == 2 and "3 of 16 records are unusable" in output
-    from basic_plugin.preflight import resolve_mode
+    from basic_plugin.host.preflight import resolve_mode
 
     assert resolve_mode("auto", plugin_active=False) == "off" and resolve_mode("auto", plugin_active=True) == "fast"
 
@@ -121,7 +121,7 @@ def test_nonfinite_lm_loss_steps_are_logged_and_stop_with_a_restartable_folder(t
 def test_preflight_finds_each_problem_and_full_mode_decodes(tiny_llava, bad_data, tmp_path):
     from types import SimpleNamespace
 
-    from basic_plugin.preflight import preflight
+    from basic_plugin.host.preflight import preflight
 
     model_args = SimpleNamespace(model_name_or_path=str(tiny_llava["lm"]), vision_tower=str(tiny_llava["vision"]),
                                  version="plain", mm_use_im_start_end=False, mm_vision_select_feature="patch")
@@ -141,7 +141,7 @@ def test_preflight_finds_each_problem_and_full_mode_decodes(tiny_llava, bad_data
     ("nope.png", "missing_image_file"),
 ])
 def test_image_paths_are_checked_lexically(tmp_path, image, problem):
-    from basic_plugin.records import normalised_folder, record_problem
+    from basic_plugin.host.records import normalised_folder, record_problem
 
     folder = tmp_path / "images"
     (folder / "sub").mkdir(parents=True)

@@ -23,7 +23,7 @@ def host_parser():
     """The parser LLaVA's train() builds, with the host's argument classes (no model is loaded)."""
     import llava.train.train as llava_train
 
-    from basic_plugin.integration import apply_plugin_host, remove_plugin_host
+    from basic_plugin.host.integration import apply_plugin_host, remove_plugin_host
 
     apply_plugin_host()
     yield transformers.HfArgumentParser(
@@ -60,7 +60,7 @@ def test_invalid_settings_are_refused_while_parsing(host_parser, tiny_llava, tmp
 
 @pytest.mark.parametrize("extra", [["--basic_lambda_das", "0.1"], ["--basic_depth", "2", "--basic_kl", "reverse"]])
 def test_plugin_flags_without_the_plugin_switch_are_refused(host_parser, tiny_llava, tmp_path, extra):
-    from basic_plugin.refusal import Refusal
+    from basic_plugin.host.refusal import Refusal
 
     out = tmp_path / "out"
     args = tiny_train_args(tiny_llava, "data.json", "images", out, stage="pretrain", extra=extra)
@@ -99,7 +99,7 @@ def test_pretraining_into_a_folder_with_checkpoints_is_refused(host_parser, tiny
     ("transformers", "4.46.0", "transformers 4.37.x"), ("peft", "0.14.0", "peft >= 0.14 breaks"),
     ("accelerate", "0.28.0", "accelerate 0.29-0.34"), ("llava-torch", None, "llava (missing)")])
 def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message):
-    from basic_plugin import versions
+    from basic_plugin.host import versions
 
     real = versions._version
     monkeypatch.setattr(versions, "_version", lambda dist: found if dist in (package, "llava") else real(dist))
@@ -120,7 +120,7 @@ def test_truncation_through_the_image_block_keeps_training(tiny_llava, tmp_path)
 
 
 def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava, monkeypatch):
-    from basic_plugin import forward
+    from basic_plugin.host import forward
     from tests.test_basic_objective import BATCH, make_batch, make_model, ready
 
     real = forward.image_token_positions
@@ -263,7 +263,7 @@ def test_every_torch_load_in_the_project_is_weights_only():
 
 
 def test_plugins_load_only_from_entry_points():
-    import basic_plugin.plugins as plugins
+    import basic_plugin.host.plugins as plugins
 
     source = Path(plugins.__file__).read_text(encoding="utf-8")
     assert "entry_points(group=ENTRY_POINT_GROUP)" in source
@@ -311,13 +311,13 @@ def test_training_touches_no_network(tiny_llava, tiny_data_plain, tmp_path):
     ({"id": 1, "conversations": [{"from": "human", "value": "<image>\nhi"}]}, "tag without an 'image' key"),
 ])
 def test_records_are_validated_with_clear_errors(tmp_path, record, message):
-    from basic_plugin.records import RecordError, validate_records
+    from basic_plugin.host.records import RecordError, validate_records
 
     with pytest.raises(RecordError, match=re.escape(message)):
         validate_records([record], tmp_path)
 
 
 def test_the_tiny_datasets_pass_validation(tiny_data_plain, tiny_data_v1):
-    from basic_plugin.records import load_records
+    from basic_plugin.host.records import load_records
 
     assert len(load_records(*tiny_data_plain)) == 16 and len(load_records(*tiny_data_v1)) == 16

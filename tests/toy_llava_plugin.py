@@ -27,7 +27,7 @@ def llava_validate_arguments(model_args, data_args, training_args):
 
 @hookimpl
 def llava_model_ready(model, tokenizer, training_args, data_args):
-    from basic_plugin.trainer import find_plugin_model
+    from basic_plugin.host.trainer import find_plugin_model
 
     host = find_plugin_model(model)
     host.toy_weight = training_args.toy_weight

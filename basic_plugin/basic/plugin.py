@@ -4,7 +4,7 @@ from __future__ import annotations
 from basic_plugin import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
 from basic_plugin.basic.objective import BasicSettings, basic_terms
-from basic_plugin.trainer import find_plugin_model
+from basic_plugin.host.trainer import find_plugin_model
 
 SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
 

@@ -4,7 +4,7 @@ A record is ``{"id", "image" (optional, relative to the image folder),
 "conversations": [{"from": "human"|"gpt", "value": str}, ...]}``.
 
 :func:`record_problem` is the one rule set. It is used by the data pre-flight that runs
-before training (:mod:`basic_plugin.preflight`, all records, counted per problem) and by
+before training (:mod:`basic_plugin.host.preflight`, all records, counted per problem) and by
 the demo's data builders (:func:`validate_records`, first problem raised).
 """
 from __future__ import annotations

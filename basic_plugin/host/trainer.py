@@ -8,9 +8,9 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from basic_plugin.forward import PluginForwardMixin, all_ranks_agree
-from basic_plugin.plugins import pm
-from basic_plugin.refusal import RunStopped
+from basic_plugin.host.forward import PluginForwardMixin, all_ranks_agree
+from basic_plugin.host.plugins import pm
+from basic_plugin.host.refusal import RunStopped
 
 
 def find_plugin_model(model):

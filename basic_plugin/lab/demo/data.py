@@ -12,7 +12,7 @@
   packages are installed (nothing is installed for them). Captions are hand-written; they are
   for a qualitative look only (never trained on).
 
-Every record is validated with :mod:`basic_plugin.records` before it is written.
+Every record is validated with :mod:`basic_plugin.host.records` before it is written.
 Layout under ``--out`` (default ``runs/demo/data``)::
 
     images/train/*.png  images/test/*.png  images/photos/*.png
@@ -203,7 +203,7 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
     """Write the datasets (see module doc); return ``{"image_folder", "train", "test", "photos", "meta"}``."""
     from tqdm.auto import tqdm
 
-    from basic_plugin.records import load_records, write_records
+    from basic_plugin.host.records import load_records, write_records
 
     out = Path(out)
     image_folder = out / "images"

@@ -7,7 +7,7 @@ caption's tokens and the template's end separator, exactly as they are tokenized
 caption. The image prefix is shared: it runs once per image (with ``use_cache``), and the 10
 candidates run as one batch on the cached keys/values (:func:`score_shared_prefix`), which is
 equal to scoring each candidate from scratch (:func:`score_naive`, tested to float tolerance).
-The same prefix pass gives the hidden states the lens needs (:class:`basic_plugin.lens.LayerLens`).
+The same prefix pass gives the hidden states the lens needs (:class:`basic_plugin.lab.lens.LayerLens`).
 
 Statistics: Wilson 95% intervals for each accuracy, McNemar's exact test on the discordant
 pairs (the two models see the same images), and a paired bootstrap interval of the
@@ -229,8 +229,8 @@ def evaluate_model(run_dir, model_base, data: Dict[str, str], *, captions: Seque
     import torch
     from tqdm.auto import tqdm
 
-    from basic_plugin.lens import LayerLens, load_llava, meaningful_token_mask, normalized_vocabulary, pixel_batch, prefix_embeds
-    from basic_plugin.records import load_records
+    from basic_plugin.lab.lens import LayerLens, load_llava, meaningful_token_mask, normalized_vocabulary, pixel_batch, prefix_embeds
+    from basic_plugin.host.records import load_records
 
     tokenizer, model, processor = load_llava(run_dir, model_base)
     folder = Path(data["image_folder"])

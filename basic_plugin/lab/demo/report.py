@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from basic_plugin.demo.evaluate import compare_paired, mcnemar_sample_size, paired_bootstrap
+from basic_plugin.lab.demo.evaluate import compare_paired, mcnemar_sample_size, paired_bootstrap
 
 LABELS = {"baseline": "baseline", "basic": "BASIC"}
 
@@ -205,7 +205,7 @@ def captions_md(runs: Dict[str, Dict[str, dict]]) -> str:
 def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data: dict, paths: dict,
                  timings: dict, tiny: bool = False, basic_flags: Sequence[str] = ()) -> dict:
     """Write the plots and reports under ``out``; print the terminal table; return the summary (with ``line``)."""
-    from basic_plugin.lens import plot_layers
+    from basic_plugin.lab.lens import plot_layers
 
     out = Path(out)
     agg = aggregate(runs)
@@ -258,7 +258,7 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
                f"Mean count per image over {lens['baseline']['images']} held-out images (of "
                f"{lens['baseline']['tokens_per_image']:g} image tokens) whose nearest input-embedding row (cosine) is a "
                "meaningful word (alphabetic, >= 3 letters, not a stop word / special / byte piece; see "
-               "`basic_plugin/lens.py`). Layer 0 is the projector output; the last layer is after the final norm.", "",
+               "`basic_plugin/lab/lens.py`). Layer 0 is the projector output; the last layer is after the final norm.", "",
                layer_table_md(lens), "", top_tokens_md(lens, show), ""]
     md += ["## Training losses", "", f"![losses]({losses_png.name})", "",
            "## Greedy captions (seed 0)", "", captions_md(runs), "",

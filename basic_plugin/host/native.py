@@ -3,7 +3,7 @@
 A LLaVA with that patch loads the ``llava`` entry points itself (``llava/plugins.py``) and,
 first thing in ``train()``, asks the hook ``llava_train_classes`` which classes to train
 with. This module, registered as the ``llava`` entry point ``basic-llava``, answers with
-the classes :func:`basic_plugin.integration.apply_plugin_host` installs at runtime:
+the classes :func:`basic_plugin.host.integration.apply_plugin_host` installs at runtime:
 
 - ``ModelArguments``, ``DataArguments``, ``TrainingArguments``: the last plus every field
   of every plugin's argument dataclass (``--basic True`` and friends), all three validated
@@ -24,9 +24,9 @@ from __future__ import annotations
 
 from typing import Dict
 
-from basic_plugin.hookspecs import hookimpl
+from basic_plugin.host.hookspecs import hookimpl
 
-from basic_plugin.integration import HOSTED_CLASSES, host_classes  # noqa: E402,F401  (one definition)
+from basic_plugin.host.integration import HOSTED_CLASSES, host_classes  # noqa: E402,F401  (one definition)
 
 
 def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
@@ -38,10 +38,10 @@ def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
     unknown flags, and its process-group teardown after ``train()`` (a CPU/gloo exit issue;
     the patched ``train()`` has no hook after it returns).
     """
-    from basic_plugin.compat import allow_checkpoint_rng_states
-    from basic_plugin.cpu import apply_cpu_workarounds
-    from basic_plugin.plugins import load_plugins
-    from basic_plugin.versions import require_supported_versions
+    from basic_plugin.host.compat import allow_checkpoint_rng_states
+    from basic_plugin.host.cpu import apply_cpu_workarounds
+    from basic_plugin.host.plugins import load_plugins
+    from basic_plugin.host.versions import require_supported_versions
 
     if hasattr(classes["TrainingArguments"], "_llava_plugin_base"):  # runtime integration in place
         return {}

@@ -3,7 +3,7 @@
 LLaVA reads a record's image only when the data loader reaches it, so a missing,
 mis-suffixed or corrupt image, or a record LLaVA's ``preprocess`` cannot take, kills a
 run hours in, and a resume replays the crash. The pre-flight reads ``--data_path`` once,
-checks every record with :func:`basic_plugin.records.record_problem` (keys, turn order,
+checks every record with :func:`basic_plugin.host.records.record_problem` (keys, turn order,
 ``<image>`` tags, image inside ``--image_folder`` and present), in ``full`` mode also
 decodes every image in parallel worker processes, and runs LLaVA's own ``preprocess`` on
 a sample (``fast``) or on every record (``full``) to find records that truncation at
@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from basic_plugin.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
-from basic_plugin.refusal import Refusal
+from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
+from basic_plugin.host.refusal import Refusal
 
 MODES = ("auto", "full", "fast", "off")
 #: records whose token counts the ``fast`` mode checks (evenly spaced over the file)
@@ -420,7 +420,7 @@ def main(argv=None) -> int:
         argv += ["--data_preflight", "full"]
     import transformers
 
-    from basic_plugin.integration import apply_plugin_host
+    from basic_plugin.host.integration import apply_plugin_host
 
     apply_plugin_host()
     import llava.train.train as llava_train

@@ -22,7 +22,7 @@ from importlib.metadata import entry_points
 
 import pluggy
 
-from basic_plugin import hookspecs
+from basic_plugin.host import hookspecs
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 ALLOW_ENV = "LLAVA_PLUGINS"

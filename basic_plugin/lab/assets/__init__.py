@@ -6,11 +6,11 @@
   112 px) and Llama-2/Vicuna's 32000-piece ``LlamaTokenizer`` into a cache folder whose
   ``manifest.json`` records every file's sha256 (``basic-llava assets --verify``
   re-hashes them all).
-- :mod:`basic_plugin.assets.smollm2`, :mod:`basic_plugin.assets.dinov2` and
-  :mod:`basic_plugin.assets.llama_tokenizer` hold the converters.
+- :mod:`basic_plugin.lab.assets.smollm2`, :mod:`basic_plugin.lab.assets.dinov2` and
+  :mod:`basic_plugin.lab.assets.llama_tokenizer` hold the converters.
 
 Importing this package is cheap: torch, transformers, gguf and onnx load only when a
-conversion runs. ``python -m basic_plugin.assets.install`` is the command line.
+conversion runs. ``python -m basic_plugin.lab.assets.install`` is the command line.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ __all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
-    # Lazy, so that ``python -m basic_plugin.assets.install`` does not import the module twice.
+    # Lazy, so that ``python -m basic_plugin.lab.assets.install`` does not import the module twice.
     if name in _EXPORTS:
-        from basic_plugin.assets import install
+        from basic_plugin.lab.assets import install
 
         return getattr(install, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

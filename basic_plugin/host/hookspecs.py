@@ -64,9 +64,9 @@ def llava_auxiliary_losses(model: Any, batch: Any, outputs: Any, image_positions
     Called inside the model's forward (so under ZeRO-3 the parameters a plugin
     uses through their modules are gathered, and gradients reduce normally),
     after the language model ran once. ``batch`` is a
-    :class:`basic_plugin.forward.ForwardBatch`, ``outputs`` the model outputs
+    :class:`basic_plugin.host.forward.ForwardBatch`, ``outputs`` the model outputs
     (with ``hidden_states`` when any plugin asked), ``image_positions`` a
-    :class:`basic_plugin.positions.ImagePositions`. Each term is added to the
+    :class:`basic_plugin.host.positions.ImagePositions`. Each term is added to the
     loss and logged under its name. Every rank must build the same graph: on a
     batch without images return zero-valued terms, never skip module calls.
     """

@@ -1,7 +1,7 @@
 """``basic-llava doctor``: what the machine offers LLaVA training with plugins, and what to change.
 
 One function per check, each returning :class:`Check` (or a list of them for the package
-versions, which come from :mod:`basic_plugin.versions`). A check is
+versions, which come from :mod:`basic_plugin.host.versions`). A check is
 
 - ``ok``: nothing to do;
 - ``bad``: training (or ``--basic``) will not work as set up; ``note`` says what to change;
@@ -146,8 +146,8 @@ def check_flash_attn(cuda_available: bool | None = None) -> Check:
 
 
 def check_versions() -> list[Check]:
-    """LLaVA's training stack against :func:`basic_plugin.versions.check_versions` (the one rule set)."""
-    from basic_plugin.versions import check_versions as findings
+    """LLaVA's training stack against :func:`basic_plugin.host.versions.check_versions` (the one rule set)."""
+    from basic_plugin.host.versions import check_versions as findings
 
     checks = []
     for f in findings():
@@ -184,7 +184,7 @@ def check_llava_hooks(state: str | None = "probe") -> Check:
 
 def check_plugins(env=None) -> Check:
     """The installed plugins and the names in ``LLAVA_PLUGINS*`` that none of them has."""
-    from basic_plugin.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
+    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
 
     env = env or plugin_environment()
     parts = [f"{n} ({'blocked' if n in env.blocked else 'enabled'})" for n in sorted(env.installed)]
@@ -203,7 +203,7 @@ def check_plugins(env=None) -> Check:
 
 def check_basic_plugin(env=None) -> Check:
     """``--basic`` needs the ``basic`` entry point installed and not blocked."""
-    from basic_plugin.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
+    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
 
     env = env or plugin_environment()
     name = BASIC_PLUGIN
@@ -223,7 +223,7 @@ def check_basic_plugin(env=None) -> Check:
 
 def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
     """A patched LLaVA takes ``--basic`` through the ``basic-llava`` entry point (it honours the block list)."""
-    from basic_plugin.plugins import BLOCK_ENV, plugin_environment
+    from basic_plugin.host.plugins import BLOCK_ENV, plugin_environment
 
     env = env or plugin_environment()
     hooks = probe_llava_hooks() if hooks == "probe" else hooks
@@ -240,7 +240,7 @@ def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
 
 def run_checks() -> list[Check]:
     """Every check, in the order ``basic-llava doctor`` prints them."""
-    from basic_plugin.plugins import plugin_environment
+    from basic_plugin.host.plugins import plugin_environment
 
     cuda = probe_cuda()
     hooks = probe_llava_hooks()

@@ -55,7 +55,7 @@ archives against their pinned digests), prints what does not match, rebuilds tho
 results and checks again; it exits 1, listing what is still wrong, when something could
 not be fixed (``--no-rebuild``: report only, exit 1 on any mismatch).
 
-Command line: ``python -m basic_plugin.assets.install [--cache-dir DIR] [--force] [--quiet]
+Command line: ``python -m basic_plugin.lab.assets.install [--cache-dir DIR] [--force] [--quiet]
 [--verify [--no-rebuild]]``.
 """
 from __future__ import annotations
@@ -134,14 +134,14 @@ ARCHIVES = {
 
 
 def _convert_llm(sources: list, out: Path, progress: bool) -> None:
-    from basic_plugin.assets.smollm2 import convert_smollm2
+    from basic_plugin.lab.assets.smollm2 import convert_smollm2
 
     convert_smollm2(sources[0], out, progress=progress)
 
 
 def _dinov2(image_size: int) -> Callable:
     def convert(sources: list, out: Path, progress: bool) -> None:
-        from basic_plugin.assets.dinov2 import convert_dinov2
+        from basic_plugin.lab.assets.dinov2 import convert_dinov2
 
         convert_dinov2(sources[0], out, image_size=image_size, progress=progress)
 
@@ -149,7 +149,7 @@ def _dinov2(image_size: int) -> Callable:
 
 
 def _convert_llama_tokenizer(sources: list, out: Path, progress: bool) -> None:
-    from basic_plugin.assets.llama_tokenizer import convert_llama_tokenizer
+    from basic_plugin.lab.assets.llama_tokenizer import convert_llama_tokenizer
 
     convert_llama_tokenizer(sources[0], out, progress=progress)
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from basic_plugin.plugins import has_auxiliary_losses, pm
-from basic_plugin.positions import ImagePositions, image_token_positions
+from basic_plugin.host.plugins import has_auxiliary_losses, pm
+from basic_plugin.host.positions import ImagePositions, image_token_positions
 
 
 @dataclass

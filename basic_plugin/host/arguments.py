@@ -14,8 +14,8 @@ import pathlib
 import sys
 import typing
 
-from basic_plugin.plugins import load_plugins, pm
-from basic_plugin.refusal import Refusal
+from basic_plugin.host.plugins import load_plugins, pm
+from basic_plugin.host.refusal import Refusal
 
 CLASS_NAME = "PluginTrainingArguments"
 
@@ -142,7 +142,7 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             raise
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
             raise Refusal(str(error)) from error
-        from basic_plugin.preflight import run_preflight
+        from basic_plugin.host.preflight import run_preflight
 
         run_preflight(model_args, data_args, self,
                       plugin_active=bool(active_plugin_classes(self, plugin_classes)))

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from basic_plugin.arguments import build_training_arguments, recording
-from basic_plugin.forward import with_plugin_forward
-from basic_plugin.plugins import load_plugins, pm
-from basic_plugin.trainer import plugin_trainer_class
+from basic_plugin.host.arguments import build_training_arguments, recording
+from basic_plugin.host.forward import with_plugin_forward
+from basic_plugin.host.plugins import load_plugins, pm
+from basic_plugin.host.trainer import plugin_trainer_class
 
 _originals: dict[tuple[str, str], object] = {}
 
@@ -71,7 +71,7 @@ HOSTED_CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "Llava
 def host_classes(classes: dict[str, type]) -> dict[str, type]:
     """The host's replacements (name -> subclass) for LLaVA's training classes ``classes``.
 
-    Shared by the runtime seams below and by a patched LLaVA (``basic_plugin.native``):
+    Shared by the runtime seams below and by a patched LLaVA (``basic_plugin.host.native``):
     argument classes recorded / extended with the plugin flags and validation, the model
     classes with the plugin forward (Mistral routed), the plugin trainer.
     """

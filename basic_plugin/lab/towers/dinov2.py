@@ -2,7 +2,7 @@
 
 ``DinoV2VisionTower`` has the interface of LLaVA's ``CLIPVisionTower`` (what
 ``LlavaMetaModel``/``LlavaMetaForCausalLM`` and ``train()`` use), backed by a transformers
-``Dinov2Model`` folder such as the one ``basic_plugin.assets.install_assets()`` writes.
+``Dinov2Model`` folder such as the one ``basic_plugin.lab.assets.install_assets()`` writes.
 
 The input resolution is the folder's image processor crop size (``preprocessor_config.json``;
 e.g. 112 px -> 8x8 = 64 patch tokens, 224 px -> 16x16 = 256). When the stored position

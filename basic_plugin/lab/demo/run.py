@@ -11,10 +11,10 @@ Steps (each with a progress bar):
    template, ``--tune_mm_mlp_adapter True``), once as the baseline and once with
    ``--basic True``: same seed (``--seed_model_init True``: same projector init), same data
    and order, same steps;
-4. evaluation of both (:mod:`basic_plugin.demo.evaluate`): 10-way zero-shot accuracy on held-out
+4. evaluation of both (:mod:`basic_plugin.lab.demo.evaluate`): 10-way zero-shot accuracy on held-out
    images with 95% Wilson intervals and a paired McNemar test, BASIC's per-layer nearest-word
-   analysis (:mod:`basic_plugin.lens`), greedy captions of the packaged photos;
-5. report (:mod:`basic_plugin.demo.report`): terminal table, ``report.md`` / ``report.html``,
+   analysis (:mod:`basic_plugin.lab.lens`), greedy captions of the packaged photos;
+5. report (:mod:`basic_plugin.lab.demo.report`): terminal table, ``report.md`` / ``report.html``,
    ``losses.png``, ``lens.png``, ``summary.json`` under ``--out`` (default ``runs/demo``).
 
 Trained runs are reused when their arguments are unchanged (``--retrain`` to redo them).
@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
 FULL = {"steps": 300, "test": 6000, "seeds": 3}
@@ -145,7 +145,7 @@ def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, prog
     """Evaluate each arm (``evaluate_model(**kwargs[arm])``), in spawned processes at once when ``parallel``."""
     from tqdm.auto import tqdm
 
-    from basic_plugin.demo.evaluate import evaluate_model, evaluation_worker
+    from basic_plugin.lab.demo.evaluate import evaluate_model, evaluation_worker
 
     total = {arm: kw["n_test"] + min(4, kw["n_test"]) + len(json.loads(Path(kw["data"]["photos"]).read_text()))
              for arm, kw in kwargs.items()}
@@ -247,8 +247,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
 
-    from basic_plugin.demo import data as demo_data
-    from basic_plugin.demo.report import write_report
+    from basic_plugin.lab.demo import data as demo_data
+    from basic_plugin.lab.demo.report import write_report
 
     # 1. assets
     print(f"[demo] 1/5 assets ({'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct + DINOv2-small 112 px'})",
@@ -265,7 +265,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         paths = {"lm": str(built["lm"]), "vision": str(built["vision"])}
         size = IMAGE_SIZE
     else:
-        from basic_plugin.assets import install_assets
+        from basic_plugin.lab.assets import install_assets
 
         assets = install_assets(args.cache_dir, progress=progress)
         paths = {"lm": assets["llm"], "vision": assets["vision_112"]}

@@ -480,7 +480,7 @@ def reference_flop_rows() -> List[Dict[str, object]]:
 def _llava_classes():
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
-    from basic_plugin.forward import with_plugin_forward
+    from basic_plugin.host.forward import with_plugin_forward
 
     return LlavaConfig, with_plugin_forward(LlavaLlamaForCausalLM)
 
@@ -550,12 +550,12 @@ def build_mini(workdir, mini_dir: Optional[str] = None):
         paths = {"lm": os.path.join(mini_dir, "lm"), "vision": os.path.join(mini_dir, "vision")}
     else:
         try:
-            import basic_plugin.assets as assets
+            import basic_plugin.lab.assets as assets
         except ImportError:
-            return None, "basic_plugin.assets is not installed"
+            return None, "basic_plugin.lab.assets is not installed"
         builder = next((getattr(assets, n) for n in _MINI_BUILDERS if callable(getattr(assets, n, None))), None)
         if builder is None:
-            return None, ("basic_plugin.assets offers no mini-LLaVA builder (looked for "
+            return None, ("basic_plugin.lab.assets offers no mini-LLaVA builder (looked for "
                           f"{', '.join(_MINI_BUILDERS)}); pass --mini-dir DIR with lm/ and vision/")
         try:
             paths = builder()
@@ -580,7 +580,7 @@ def _basic_args(stage: str):
 def prepare_stage(model, stage: str):
     """Freeze as LLaVA does for the stage; return (BASIC settings, trainable params)."""
     from basic_plugin.basic import plugin as basic
-    from basic_plugin.plugins import has_auxiliary_losses, load_plugins
+    from basic_plugin.host.plugins import has_auxiliary_losses, load_plugins
 
     load_plugins()
     if not has_auxiliary_losses():
