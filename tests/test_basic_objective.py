@@ -16,6 +16,7 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from basic_plugin.basic import plugin as basic
 from basic_plugin.basic.arguments import BasicArguments
 from basic_plugin.host.integration import routed_llama_class
+from basic_plugin.host.objective import bind, binding_of
 from basic_plugin.host.plugins import load_plugins
 from basic_plugin.tiny import build_tiny_llava
 from tests.helpers import collate_right_padded
@@ -49,9 +50,15 @@ def make_model(paths, attn="sdpa", padding_side="right", max_length=64):
 def ready(model, pretraining=False, **overrides):
     args = types.SimpleNamespace(**{**asdict(BasicArguments()), "basic": True, "basic_depth": DEPTH,
                                     "tune_mm_mlp_adapter": pretraining, **overrides})
-    basic.llava_model_ready(model=model, tokenizer=None, training_args=args, data_args=None)
+    bind(model, [o for o in [basic.llava_objective(model=model, tokenizer=None, training_args=args,
+                                                   data_args=None)] if o is not None])
     model.train()
     return model
+
+
+def last_step(model):
+    """What the host's forward recorded for the model's last training batch."""
+    return binding_of(model).last_step
 
 
 def make_batch(samples, n_images=None, seed=0):
@@ -141,7 +148,7 @@ def test_terms_match_float64_reference(tiny_paths, weights_mode, kl, temperature
     eager.load_state_dict(model.state_dict())
     batch = make_batch(BATCH)
     out = model(**batch)
-    terms = model.plugin_terms
+    terms = last_step(model).terms
     das, sds, lm = reference_terms(eager, batch, depth=DEPTH, weights_mode=weights_mode, kl=kl,
                                    temperature=temperature)
     assert terms["basic_das"].item() == pytest.approx(das, rel=1e-4, abs=1e-7)
@@ -183,11 +190,14 @@ def test_pretraining_sends_basic_gradient_to_the_projector_only(tiny_paths):
     without = grads(ready(model, pretraining=True, basic_lambda_das=0.0, basic_lambda_sds=0.0), batch)
     assert any(not torch.allclose(with_basic[n], without[n]) for n in with_basic)
     # --basic_pretrain False turns it off for this stage: loss is the LM loss alone
+    on = ready(model, pretraining=True)
+    with torch.no_grad():
+        on_loss = on(**batch).loss.item()
+    lm = last_step(on).terms["lm_loss"].item()
     off = ready(model, pretraining=True, basic_pretrain=False)
-    assert off.basic_settings is None
+    assert binding_of(off) is None  # nothing bound: LLaVA's own forward
     out = off(**batch)
-    assert model.plugin_terms.keys() == {"lm_loss"}
-    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    assert out.loss.item() == pytest.approx(lm) and on_loss > lm
 
 
 @pytest.mark.parametrize("vocab", ["embed", "lm_head"])
@@ -215,8 +225,8 @@ def test_text_only_batch_gives_zero_terms_and_the_same_module_calls(tiny_paths):
     calls.clear()
     text_only = make_batch([[1, 5, 6, 2], [1, 7, 2], [1, 8, 8, 2], [1, 9, 2]])  # same batch size: LLaVA embeds per sample
     out = model(**text_only)
-    assert model.plugin_terms["basic_das"].item() == 0.0 and model.plugin_terms["basic_sds"].item() == 0.0
-    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    assert last_step(model).terms["basic_das"].item() == 0.0 and last_step(model).terms["basic_sds"].item() == 0.0
+    assert out.loss.item() == pytest.approx(last_step(model).terms["lm_loss"].item())
     out.loss.backward()
     assert calls == with_images
     projector_grads = [p.grad for p in model.get_model().mm_projector.parameters()]
@@ -268,7 +278,7 @@ def test_mistral_checkpoints_train_as_llava_mistral_with_basic(tiny_mistral_path
     batch = make_batch(BATCH)
     model(**batch)
     das, sds, lm = reference_terms(eager, batch, depth=DEPTH, weights_mode="raw", kl="forward")
-    assert model.plugin_terms["basic_das"].item() == pytest.approx(das, rel=1e-4)
+    assert last_step(model).terms["basic_das"].item() == pytest.approx(das, rel=1e-4)
     # this random Mistral's KL is ~5e-6: fp32 log-softmax over the vocabulary resolves it to ~1e-8
-    assert model.plugin_terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=5e-8)
-    assert sds > 1e-6 and model.plugin_terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)
+    assert last_step(model).terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=5e-8)
+    assert sds > 1e-6 and last_step(model).terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)

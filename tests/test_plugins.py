@@ -27,14 +27,14 @@ def test_basic_is_registered_through_its_entry_point(fresh_plugins):
     assert eps["basic"].value == "basic_plugin.basic.plugin"
     pm = fresh_plugins.load_plugins()
     assert pm.get_plugin("basic") is eps["basic"].load()
-    assert fresh_plugins.has_auxiliary_losses()
+    assert "basic" in [i.plugin_name for i in pm.hook.llava_objective.get_hookimpls()]
 
 
 def test_block_env_keeps_a_plugin_out(fresh_plugins, monkeypatch):
     monkeypatch.setenv(plugins.BLOCK_ENV, "basic")
     pm = fresh_plugins.load_plugins()
     assert pm.get_plugin("basic") is None and pm.is_blocked("basic")
-    assert not fresh_plugins.has_auxiliary_losses()
+    assert "basic" not in [i.plugin_name for i in pm.hook.llava_objective.get_hookimpls()]
 
 
 def test_allow_list_env(fresh_plugins, monkeypatch):

@@ -110,18 +110,18 @@ def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message)
 
 # ---------------------------------------------------------------- 2. bad data never crashes
 def test_truncation_through_the_image_block_keeps_training(tiny_llava, tmp_path):
-    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+    from tests.test_basic_objective import BATCH, last_step, make_batch, make_model, ready
 
     model = ready(make_model(tiny_llava, max_length=12))  # cuts the image blocks (16 rows each)
     out = model(**make_batch(BATCH))
     out.loss.backward()
-    assert torch.isfinite(out.loss) and model.plugin_skipped is None
-    assert all(torch.isfinite(v) for v in model.plugin_terms.values())
+    assert torch.isfinite(out.loss) and last_step(model).skipped is None
+    assert all(torch.isfinite(v) for v in last_step(model).terms.values())
 
 
 def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava, monkeypatch):
     from basic_plugin.host import forward
-    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+    from tests.test_basic_objective import BATCH, last_step, make_batch, make_model, ready
 
     real = forward.image_token_positions
 
@@ -133,14 +133,14 @@ def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava
     monkeypatch.setattr(forward, "image_token_positions", off_by_one)
     model = ready(make_model(tiny_llava))
     out = model(**make_batch(BATCH))
-    assert model.plugin_skipped == "image_rows"
-    assert model.plugin_terms["basic_das"].item() == 0.0
-    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    assert last_step(model).skipped == "image_rows"
+    assert last_step(model).terms["basic_das"].item() == 0.0
+    assert out.loss.item() == pytest.approx(last_step(model).terms["lm_loss"].item())
 
 
 def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
     from basic_plugin.basic import plugin as basic
-    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+    from tests.test_basic_objective import BATCH, last_step, make_batch, make_model, ready
 
     real = basic.basic_terms
 
@@ -151,8 +151,8 @@ def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
     monkeypatch.setattr(basic, "basic_terms", poisoned)
     model = ready(make_model(tiny_llava))
     out = model(**make_batch(BATCH))
-    assert model.plugin_skipped == "nonfinite" and torch.isfinite(out.loss)
-    assert out.loss.item() == pytest.approx(model.plugin_terms["lm_loss"].item())
+    assert last_step(model).skipped == "nonfinite" and torch.isfinite(out.loss)
+    assert out.loss.item() == pytest.approx(last_step(model).terms["lm_loss"].item())
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 

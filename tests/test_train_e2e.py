@@ -39,6 +39,8 @@ def test_without_plugin_flags_training_is_vanilla_llava(tiny_llava, tiny_data_pl
     host = run_training(SEEDED_HOST, args_for(tiny_llava, data, tmp_path / "host", stage=stage, max_steps=3),
                         output_dir=tmp_path / "host")
     assert len(vanilla["losses"]) == 3 and vanilla["losses"] == host["losses"]
+    # off means off: the same log keys as vanilla LLaVA (no lm_loss, no plugin counters)
+    assert [sorted(e) for e in vanilla["log_history"]] == [sorted(e) for e in host["log_history"]]
     if stage == "pretrain":
         a, b = load_bin(tmp_path / "vanilla" / "mm_projector.bin"), load_bin(tmp_path / "host" / "mm_projector.bin")
         assert sorted(a) == sorted(b) and all(k.startswith("model.mm_projector.") for k in a)
@@ -119,3 +121,50 @@ def test_blocked_plugin_flag_is_refused_clearly(tiny_llava, tiny_data_plain, tmp
                                     extra=["--basic", "True"]), output_dir=out, env={"LLAVA_PLUGINS_BLOCK": "basic"})
     assert "--basic" in str(failure.value) and "blocked" in str(failure.value)
     assert not out.exists()
+
+
+def test_off_means_llavas_own_forward(tiny_llava, monkeypatch):
+    """Nothing bound: the host's forward hands the call to LLaVA's untouched, no re-splice."""
+    from basic_plugin.host import forward
+    from tests.test_basic_objective import BATCH, make_batch, make_model, ready
+
+    calls = []
+    real = forward.image_token_positions
+    monkeypatch.setattr(forward, "image_token_positions", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = ready(make_model(tiny_llava), basic=False)
+    model(**make_batch(BATCH))
+    assert calls == []
+    ready(model)(**make_batch(BATCH))  # the spy itself works: with BASIC on the host path runs
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("flags,vanilla", [([], True), (["--basic", "True"], False)])
+def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tmp_path, flags, vanilla):
+    import subprocess
+    import sys
+
+    import llava.train.train as llava_train
+    import transformers
+
+    from basic_plugin.host.integration import apply_plugin_host, remove_plugin_host
+
+    apply_plugin_host()
+    try:
+        parser = transformers.HfArgumentParser(
+            (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
+        args = tiny_train_args(tiny_llava, "d.json", "i", tmp_path / "o", extra=["--data_preflight", "off", *flags])
+        training_args = parser.parse_args_into_dataclasses(args)[2]
+        torch.save(training_args, tmp_path / "training_args.bin")  # as the Trainer saves it: host applied
+    finally:
+        remove_plugin_host()
+    probe = ("import sys, torch; sys.modules['basic_plugin'] = None\n"
+             f"a = torch.load({str(tmp_path / 'training_args.bin')!r}, weights_only=False)\n"
+             "print(type(a).__name__, a.learning_rate, a.model_max_length, hasattr(a, 'basic'))")
+    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    if vanilla:
+        assert res.returncode == 0, res.stderr[-2000:]
+        # a TrainingArguments (transformers' class, LLaVA's fields as attributes), no plugin flag
+        assert res.stdout.split() == ["TrainingArguments", str(training_args.learning_rate),
+                                      str(training_args.model_max_length), "False"]
+    else:  # a BASIC run's arguments keep BASIC's flags, so they need the package
+        assert res.returncode != 0 and "basic_plugin" in res.stderr

@@ -2,9 +2,11 @@
 
 It penalises the squared projector output at the image rows the host reports, so
 that the test can check the term is computed inside the forward, added to the
-loss and logged.
+loss and logged, and counts its own calls (state in its objective, not on the model).
 """
 from dataclasses import dataclass
+
+import torch
 
 from basic_plugin import hookimpl
 
@@ -12,6 +14,20 @@ from basic_plugin import hookimpl
 @dataclass
 class ToyArguments:
     toy_weight: float = 0.0
+
+
+class ToyObjective:
+    wants_hidden_states = True
+
+    def __init__(self, weight: float):
+        self.weight = weight
+        self.calls = 0
+
+    def terms(self, model, batch, outputs, image_positions):
+        self.calls += 1
+        rows = outputs.hidden_states[0][image_positions.batch_index, image_positions.seq_index].float()
+        value = rows.pow(2).mean() if rows.numel() else rows.sum()
+        return {"toy": self.weight * value}, {"toy_calls": torch.tensor(float(self.calls))}
 
 
 @hookimpl
@@ -26,31 +42,5 @@ def llava_validate_arguments(model_args, data_args, training_args):
 
 
 @hookimpl
-def llava_model_ready(model, tokenizer, training_args, data_args):
-    from basic_plugin.host.trainer import find_plugin_model
-
-    host = find_plugin_model(model)
-    host.toy_weight = training_args.toy_weight
-    host.toy_calls = 0
-
-
-@hookimpl
-def llava_wants_hidden_states(model):
-    return bool(getattr(model, "toy_weight", 0.0))
-
-
-@hookimpl
-def llava_auxiliary_losses(model, batch, outputs, image_positions):
-    if not getattr(model, "toy_weight", 0.0):
-        return None
-    model.toy_calls += 1
-    rows = outputs.hidden_states[0][image_positions.batch_index, image_positions.seq_index].float()
-    value = rows.pow(2).mean() if rows.numel() else rows.sum()
-    return {"toy": model.toy_weight * value}
-
-
-@hookimpl
-def llava_log_metrics(model):
-    if model is None or not getattr(model, "toy_weight", 0.0):
-        return None
-    return {"toy_calls": float(model.toy_calls)}
+def llava_objective(model, tokenizer, training_args, data_args):
+    return ToyObjective(training_args.toy_weight) if training_args.toy_weight else None

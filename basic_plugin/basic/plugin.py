@@ -4,7 +4,6 @@ from __future__ import annotations
 from basic_plugin import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
 from basic_plugin.basic.objective import BasicSettings, basic_terms
-from basic_plugin.host.trainer import find_plugin_model
 
 SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
 
@@ -83,46 +82,19 @@ def settings_for(model, training_args) -> BasicSettings | None:
     )
 
 
-@hookimpl
-def llava_model_ready(model, tokenizer, training_args, data_args):
-    host = find_plugin_model(model)
-    settings = settings_for(host if host is not None else model, training_args)
-    if settings is not None and host is None:
-        raise RuntimeError("--basic needs the basic-llava plugin host (python -m basic_plugin.train, "
-                           "or LLaVA with patches/ applied)")
-    if host is not None:
-        host.basic_settings = settings
-        host.basic_metric_sums, host.basic_metric_count = {}, 0
+class BasicObjective:
+    """BASIC for one run: its resolved settings; its terms and metrics for each batch."""
 
+    wants_hidden_states = True
 
-def _settings(model):
-    return getattr(model, "basic_settings", None)
+    def __init__(self, settings: BasicSettings):
+        self.settings = settings
+
+    def terms(self, model, batch, outputs, image_positions):
+        return basic_terms(model, self.settings, batch, outputs, image_positions)
 
 
 @hookimpl
-def llava_wants_hidden_states(model):
-    return _settings(model) is not None
-
-
-@hookimpl
-def llava_auxiliary_losses(model, batch, outputs, image_positions):
-    settings = _settings(model)
-    if settings is None:
-        return None
-    losses, metrics = basic_terms(model, settings, batch, outputs, image_positions)
-    sums = model.basic_metric_sums
-    for name, value in metrics.items():
-        sums[name] = sums.get(name, 0.0) + float(value)
-    model.basic_metric_count += 1
-    return losses
-
-
-@hookimpl
-def llava_log_metrics(model):
-    if model is None or _settings(model) is None or not model.basic_metric_count:
-        return None
-    count = model.basic_metric_count
-    means = {k: v / count for k, v in model.basic_metric_sums.items()}
-    model.basic_metric_sums, model.basic_metric_count = {}, 0
-    return means
-
+def llava_objective(model, tokenizer, training_args, data_args):
+    settings = settings_for(model, training_args)
+    return None if settings is None else BasicObjective(settings)

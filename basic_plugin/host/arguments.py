@@ -92,8 +92,15 @@ def switch_of(cls: type) -> str | None:
 
 
 def active_plugin_classes(training_args, plugin_classes: list[type]) -> list[type]:
-    """The plugin argument classes whose switch is on."""
-    return [cls for cls in plugin_classes if switch_of(cls) and getattr(training_args, switch_of(cls))]
+    """The plugin argument classes in use: switch on, or (no switch declared) some flag off its default."""
+    def in_use(cls):
+        switch = switch_of(cls)
+        if switch is not None:
+            return bool(getattr(training_args, switch))
+        return any(f.default is not dataclasses.MISSING and getattr(training_args, f.name) != f.default
+                   for f in dataclasses.fields(cls))
+
+    return [cls for cls in plugin_classes if in_use(cls)]
 
 
 def check_plugin_values(training_args, plugin_classes: list[type]) -> None:
@@ -113,6 +120,20 @@ def check_plugin_values(training_args, plugin_classes: list[type]) -> None:
             raise Refusal(f"{flags}: set while --{switch} is off, so the run would ignore "
                           f"{'it' if len(given) == 1 else 'them'}; allowed: add --{switch} True, or drop "
                           f"{'the flag' if len(given) == 1 else 'these flags'}")
+
+
+def picklable_base(base: type) -> type:
+    """The nearest class of ``base``'s MRO that pickle can find by name.
+
+    While the host is applied, ``llava.train.train.TrainingArguments`` names the host's
+    class, so LLaVA's own cannot be pickled by reference; ``transformers.TrainingArguments``
+    can, and the saved state keeps LLaVA's fields as attributes.
+    """
+    for cls in base.__mro__:
+        module = sys.modules.get(cls.__module__)
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return cls
+    return object
 
 
 def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
@@ -151,8 +172,21 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
 
             transformers.set_seed(self.seed)
 
+    added = {name for name, _, _ in new_fields}
+
+    def __reduce_ex__(self, protocol):
+        """Pickled (``training_args.bin``) as LLaVA's own class when no plugin is on, so it loads without
+        basic-llava; with a plugin on, as this class (the plugin's flags are part of the run)."""
+        if active_plugin_classes(self, plugin_classes):
+            return object.__reduce_ex__(self, protocol)
+        import copyreg
+
+        state = {k: v for k, v in self.__dict__.items() if k not in added}
+        return copyreg._reconstructor, (picklable_base(base), object, None), state  # stdlib only: loads without us
+
     cls = dataclasses.make_dataclass(
-        CLASS_NAME, new_fields, bases=(base,), namespace={"__post_init__": __post_init__}
+        CLASS_NAME, new_fields, bases=(base,),
+        namespace={"__post_init__": __post_init__, "__reduce_ex__": __reduce_ex__}
     )
     cls.__module__ = __name__
     cls.__qualname__ = CLASS_NAME

@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from basic_plugin.host.plugins import has_auxiliary_losses, pm
+from basic_plugin.host.objective import Binding, StepRecord, binding_of
 from basic_plugin.host.positions import ImagePositions, image_token_positions
 
 
@@ -32,12 +32,11 @@ class ForwardBatch:
 
 
 class PluginForwardMixin:
-    """Adds the plugins' auxiliary losses inside LLaVA's training forward."""
+    """Adds the bound objectives' loss terms inside LLaVA's training forward.
 
-    #: detached named terms of the last training forward, read by the trainer
-    plugin_terms: dict
-    #: why the plugin terms were left out of the last step ("nonfinite", "image_rows"), or None
-    plugin_skipped: Optional[str] = None
+    With no objective bound to the model (no plugin on for the run), ``forward`` is
+    LLaVA's own, called as is.
+    """
 
     def forward(
         self,
@@ -62,8 +61,9 @@ class PluginForwardMixin:
             output_hidden_states=output_hidden_states, images=images, image_sizes=image_sizes,
             return_dict=return_dict,
         )
-        if (not self.training or labels is None or inputs_embeds is not None or images is None
-                or input_ids is None or not has_auxiliary_losses()):
+        binding = binding_of(self)
+        if (binding is None or not self.training or labels is None or inputs_embeds is not None
+                or images is None or input_ids is None):
             return llava_forward(**plain)
         if isinstance(images, list) or images.ndim == 5:
             raise NotImplementedError("plugin losses support LLaVA-1.5's single-resolution images, not anyres")
@@ -89,7 +89,7 @@ class PluginForwardMixin:
             max_length=getattr(self.config, "tokenizer_model_max_length", None),
             padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
         )
-        want_hidden = any(pm.hook.llava_wants_hidden_states(model=self))
+        want_hidden = binding.wants_hidden_states
         outputs = llava_forward(
             input_ids=None, attention_mask=new_mask, position_ids=new_position_ids,
             past_key_values=past_key_values, inputs_embeds=embeds, labels=new_labels,
@@ -102,32 +102,39 @@ class PluginForwardMixin:
         rows_ok = rows_match(embeds, features, positions)
         if not rows_ok:  # keep every module call (ZeRO-3), but supervise nothing this step
             positions = empty_like_positions(positions)
-        outputs.loss = self._add_plugin_losses(outputs, batch, positions, rows_ok)
+        outputs.loss = self._add_plugin_losses(binding, outputs, batch, positions, rows_ok)
         if want_hidden and not output_hidden_states:
             outputs.hidden_states = None  # release them before backward bookkeeping
         if return_dict is False:
             return outputs.to_tuple()
         return outputs
 
-    def _add_plugin_losses(self, outputs, batch: ForwardBatch, positions: ImagePositions, rows_ok: bool = True):
+    def _add_plugin_losses(self, binding: Binding, outputs, batch: ForwardBatch, positions: ImagePositions,
+                           rows_ok: bool = True):
         lm_loss = outputs.loss
-        terms = {}
-        for result in pm.hook.llava_auxiliary_losses(
-                model=self, batch=batch, outputs=outputs, image_positions=positions):
-            for name, value in (result or {}).items():
-                if name in terms or name == "lm_loss":
-                    raise ValueError(f"two plugins return a loss term named {name!r}")
-                terms[name] = value
-        # (no terms means no plugin active: the same on every rank, so no all-reduce is needed)
-        finite = not terms or all_ranks_agree(
-            all(bool(torch.isfinite(v.detach()).all()) for v in terms.values()), lm_loss.device)
-        self.plugin_skipped = None if finite and rows_ok else ("nonfinite" if not finite else "image_rows")
+        terms, metrics = {}, {}
+        for objective in binding.objectives:
+            losses, values = objective.terms(self, batch, outputs, positions)
+            for name, value in (*(losses or {}).items(), *(values or {}).items()):
+                if name in terms or name in metrics or name == "lm_loss":
+                    raise ValueError(f"two objectives log a value named {name!r}")
+            terms.update(losses or {})
+            metrics.update(values or {})
+        # One decision for every rank (one tiny all-reduce), so the graphs stay identical; the
+        # one host read per step of the plugin path: a NaN term must stay out of the graph.
+        checks = [torch.isfinite(v.detach()).all() for v in terms.values()] or [torch.ones((), dtype=torch.bool)]
+        flags = torch.stack([torch.stack([c.to(lm_loss.device) for c in checks]).all(),
+                             torch.isfinite(lm_loss.detach()).all()])
+        terms_finite, lm_finite = all_ranks_agree(flags, lm_loss.device)
+        skipped = None if terms_finite and rows_ok else ("nonfinite" if not terms_finite else "image_rows")
         total = lm_loss
-        if finite:  # otherwise train on the LM loss alone this step, on every rank alike
+        if terms_finite:  # otherwise train on the LM loss alone this step, on every rank alike
             for value in terms.values():
                 total = total + value.to(lm_loss.dtype)
-        self.plugin_terms = {"lm_loss": lm_loss.detach(),
-                             **{k: (v.detach() if finite else torch.zeros_like(v.detach())) for k, v in terms.items()}}
+        logged = {"lm_loss": lm_loss.detach(),
+                  **{k: (v.detach() if terms_finite else torch.zeros_like(v.detach())) for k, v in terms.items()}}
+        binding.last_step = StepRecord(terms=logged, skipped=skipped, lm_finite=lm_finite)
+        binding.accumulator.add({**logged, **metrics})
         return total
 
 
@@ -149,15 +156,19 @@ def empty_like_positions(positions: ImagePositions) -> ImagePositions:
     return ImagePositions(**empty)
 
 
-def all_ranks_agree(flag: bool, device) -> bool:
-    """True only if ``flag`` holds on every rank (one tiny all-reduce when distributed)."""
+def all_ranks_agree(flags, device):
+    """Each flag made True only if it holds on every rank: a bool gives a bool, a bool tensor a list.
+
+    One tiny all-reduce when distributed, and one host read.
+    """
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return flag
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item() > 0)
+    single = isinstance(flags, bool)
+    value = torch.tensor([float(flags)], device=device) if single else flags.detach().to(device, torch.float32)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    agreed = [v > 0 for v in value.tolist()]
+    return agreed[0] if single else agreed
 
 
 _cache: dict[type, type] = {}

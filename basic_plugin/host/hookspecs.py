@@ -45,33 +45,22 @@ def llava_build_vision_tower(vision_tower_cfg: Any, kwargs: Mapping[str, Any]) -
 
 
 @hookspec
-def llava_model_ready(model: Any, tokenizer: Any, training_args: Any, data_args: Any) -> None:
-    """The model is built, vision modules and tokenizer are set up; the trainer is next.
+def llava_objective(model: Any, tokenizer: Any, training_args: Any, data_args: Any) -> Optional[Any]:
+    """Return this plugin's objective for the run (a :class:`basic_plugin.host.objective.Objective`), or None.
 
-    Check support and remember settings here; raise to refuse the run.
+    Called once, when the model is built and its vision modules and tokenizer are set up,
+    before the trainer. ``model`` is the LLaVA model itself (never a PEFT or DeepSpeed
+    wrapper). Return None when the plugin is off for this run: with no objective at all,
+    training is LLaVA's own code path. The objective holds the plugin's settings and
+    state; raise to refuse the run (unsupported model, bad depth).
     """
 
 
-@hookspec
-def llava_wants_hidden_states(model: Any) -> bool:
-    """Return True when ``llava_auxiliary_losses`` needs ``outputs.hidden_states``."""
+@hookspec(firstresult=True)
+def llava_train_classes(classes: Mapping[str, type]) -> Optional[Mapping[str, type]]:
+    """Asked by a LLaVA that carries ``patches/0001-plugin-hooks.patch``, first thing in ``train()``.
 
-
-@hookspec
-def llava_auxiliary_losses(model: Any, batch: Any, outputs: Any, image_positions: Any) -> Optional[Mapping[str, Any]]:
-    """Return named scalar loss tensors for this training batch, or None.
-
-    Called inside the model's forward (so under ZeRO-3 the parameters a plugin
-    uses through their modules are gathered, and gradients reduce normally),
-    after the language model ran once. ``batch`` is a
-    :class:`basic_plugin.host.forward.ForwardBatch`, ``outputs`` the model outputs
-    (with ``hidden_states`` when any plugin asked), ``image_positions`` a
-    :class:`basic_plugin.host.positions.ImagePositions`. Each term is added to the
-    loss and logged under its name. Every rank must build the same graph: on a
-    batch without images return zero-valued terms, never skip module calls.
+    ``classes`` maps the names of the classes ``train()`` uses (argument classes, model
+    classes, ``LLaVATrainer``) to LLaVA's own; return ``{name: subclass}`` for those to
+    replace. The host answers it (``basic_plugin.host.native``), so a plugin never needs to.
     """
-
-
-@hookspec
-def llava_log_metrics(model: Any) -> Optional[Mapping[str, float]]:
-    """Return extra values to log at this logging step (already averaged)."""

@@ -132,8 +132,3 @@ def reset_plugins() -> None:
         _undo_trace()
         _undo_trace = None
     _loaded = False
-
-
-def has_auxiliary_losses() -> bool:
-    """True when some loaded plugin implements ``llava_auxiliary_losses``."""
-    return bool(pm.hook.llava_auxiliary_losses.get_hookimpls())

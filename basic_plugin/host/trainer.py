@@ -1,20 +1,24 @@
-"""LLaVA's trainer, plus the plugin hooks around it and logging of the named loss terms."""
+"""LLaVA's trainer, plus the run's plugin objectives: bound once, logged by one rule, guarded.
+
+With no objective for the run, every method below defers to LLaVA's own (the one
+exception, kept for every run: empty optimizer groups are dropped, a fix for LoRA with
+``--mm_projector_lr`` under DeepSpeed).
+"""
 from __future__ import annotations
 
 import logging
 import os
 
-import torch
-import torch.distributed as dist
 from transformers import TrainerCallback
 
-from basic_plugin.host.forward import PluginForwardMixin, all_ranks_agree
+from basic_plugin.host.forward import PluginForwardMixin
+from basic_plugin.host.objective import bind
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.refusal import RunStopped
 
 
-def find_plugin_model(model):
-    """The module carrying the plugin forward, under any PEFT or engine wrapper."""
+def llava_model_of(model):
+    """The LLaVA module carrying the plugin forward, under any PEFT or engine wrapper."""
     for module in model.modules():
         if isinstance(module, PluginForwardMixin):
             return module
@@ -38,22 +42,26 @@ class PluginStopCallback(TrainerCallback):
 
 
 def plugin_trainer_class(llava_trainer: type) -> type:
-    """A subclass of ``llava_trainer`` that runs ``llava_model_ready`` and logs plugin terms."""
+    """A subclass of ``llava_trainer`` that asks the plugins for their objectives and logs their terms."""
 
     class PluginTrainer(llava_trainer):
         def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
             dataset = kwargs.get("train_dataset")
-            pm.hook.llava_model_ready(model=model, tokenizer=tokenizer, training_args=args,
-                                      data_args=getattr(dataset, "data_args", None))
+            llava_model = llava_model_of(model) if model is not None else None
+            objectives = [o for o in pm.hook.llava_objective(
+                model=llava_model if llava_model is not None else model, tokenizer=tokenizer, training_args=args,
+                data_args=getattr(dataset, "data_args", None)) if o is not None]
+            if objectives and llava_model is None:
+                raise RuntimeError(f"a plugin is on, but {type(model).__name__} has no plugin forward (the host "
+                                   "supports LLaVA-Llama and LLaVA-Mistral)")
+            self.plugin_binding = bind(llava_model, objectives) if llava_model is not None else None
             super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
-            self._plugin_model = find_plugin_model(model)
-            self._term_sums: dict[str, float] = {}
-            self._term_count = 0
             self.plugin_skipped_total = self._skipped_in_a_row = 0
             self.lm_nonfinite_total = self._lm_nonfinite_in_a_row = 0
             self._window_steps = self._window_lm_nonfinite = 0
             self.plugin_stop_reason = None
-            self.add_callback(PluginStopCallback(self))
+            if self.plugin_binding is not None:
+                self.add_callback(PluginStopCallback(self))
 
         def create_optimizer(self):
             """LLaVA's parameter groups without the empty ones.
@@ -67,18 +75,11 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
-            if self._plugin_model is not None:
-                self._plugin_model.plugin_terms = {}
             result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
-            terms = getattr(self._plugin_model, "plugin_terms", None) if model.training else None
-            if model.training:
-                lm_loss = terms["lm_loss"] if terms else (result[0] if isinstance(result, tuple) else result)
-                self._count_lm_loss(all_ranks_agree(bool(torch.isfinite(lm_loss.detach()).all()), lm_loss.device))
-            if terms:
-                for name, value in terms.items():
-                    self._term_sums[name] = self._term_sums.get(name, 0.0) + float(value)
-                self._term_count += 1
-                self._count_skips(getattr(self._plugin_model, "plugin_skipped", None))
+            if self.plugin_binding is not None and model.training:
+                step = self.plugin_binding.last_step
+                self._count_lm_loss(step.lm_finite)
+                self._count_skips(step.skipped)
             return result
 
         def _count_lm_loss(self, finite: bool) -> None:
@@ -138,37 +139,16 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             return result
 
         def log(self, logs, *args, **kwargs):
-            if "loss" in logs:
+            if "loss" in logs and self.plugin_binding is not None:
                 if self._window_steps and self._window_lm_nonfinite == self._window_steps:
                     logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
                 if self.lm_nonfinite_total:
                     logs["lm_loss_nonfinite_steps"] = self.lm_nonfinite_total
                 self._window_steps = self._window_lm_nonfinite = 0
-                logs.update(self._mean_terms())
+                logs.update(self.plugin_binding.accumulator.means(device=self.args.device))
                 if self.plugin_skipped_total:
                     logs["plugin_skipped_steps"] = self.plugin_skipped_total
-                for extra in pm.hook.llava_log_metrics(model=self._plugin_model):
-                    logs.update({k: float(v) for k, v in (extra or {}).items()})
             return super().log(logs, *args, **kwargs)
-
-        def _mean_terms(self) -> dict[str, float]:
-            """Mean of each term since the last log, averaged over ranks too."""
-            names = sorted(self._term_sums)
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                # every rank logs at the same step; agree on the names first
-                gathered = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, names)
-                names = sorted(set().union(*gathered))
-                values = torch.tensor([self._term_sums.get(n, 0.0) for n in names] + [float(self._term_count)],
-                                      dtype=torch.float64, device=self.args.device)
-                dist.all_reduce(values)
-                sums, count = values[:-1].tolist(), values[-1].item()
-            else:
-                sums, count = [self._term_sums[n] for n in names], float(self._term_count)
-            self._term_sums, self._term_count = {}, 0
-            if count == 0:
-                return {}
-            return {n: s / count for n, s in zip(names, sums)}
 
     PluginTrainer.__name__ = PluginTrainer.__qualname__ = "PluginTrainer"
     return PluginTrainer
