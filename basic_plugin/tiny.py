@@ -306,69 +306,19 @@ def tiny_train_args(paths: Dict[str, PathLike], data_json: PathLike, image_folde
                     mm_projector_lr: Optional[float] = None,
                     model_max_length: int = TINY_MODEL_MAX_LENGTH,
                     extra: Iterable[str] = ()) -> List[str]:
-    """Arguments for LLaVA's ``train()`` for one stage of the tiny model.
+    """Arguments for LLaVA's ``train()`` for one stage of the tiny model (``paths``: ``lm``, ``vision``).
 
-    Mirrors ``scripts/v1_5/pretrain.sh`` (``stage="pretrain"``) and ``finetune.sh`` /
-    ``finetune_lora.sh`` (``stage="finetune"``, ``lora=True``), with the CPU flags (no tf32,
-    fp32, no reporting, no workers, no checkpoints) and ``max_steps`` instead of epochs.
+    :func:`basic_plugin.lab.llava_args.cpu_args`: ``scripts/v1_5/pretrain.sh``
+    (``stage="pretrain"``) or ``finetune.sh`` / ``finetune_lora.sh`` (``stage="finetune"``,
+    ``lora=True``) with the CPU flags and ``max_steps`` instead of epochs.
     ``deepspeed_config``: a path, or ``"zero2"``/``"zero3"`` for the shipped configs.
     ``extra`` is appended last (HfArgumentParser keeps the last value of a repeated flag).
-
-    ``mm_projector_lr`` (``finetune_lora.sh`` passes 2e-5) is off by default: with LoRA it
-    makes one of LLaVATrainer's four parameter groups empty, DeepSpeed drops empty groups
-    from the optimizer after the LR scheduler was built, and torch 2.13's scheduler (strict
-    ``zip``) then fails at the first step (``zip() argument 2 is longer than argument 1``).
-    (Older torch zipped silently: the projector weights got the LoRA learning rate.)
     """
-    if stage not in ("pretrain", "finetune"):
-        raise ValueError(f"stage must be 'pretrain' or 'finetune', not {stage!r}")
-    args = [
-        "--model_name_or_path", str(paths["lm"]),
-        "--data_path", str(data_json),
-        "--image_folder", str(image_folder),
-        "--vision_tower", str(paths["vision"]),
-        "--mm_projector_type", "mlp2x_gelu",
-        "--mm_vision_select_layer", "-2",
-        "--mm_use_im_start_end", "False",
-        "--mm_use_im_patch_token", "False",
-        "--output_dir", str(output_dir),
-        "--num_train_epochs", "1",
-        "--max_steps", str(max_steps),
-        "--per_device_train_batch_size", str(batch),
-        "--per_device_eval_batch_size", str(batch),
-        "--gradient_accumulation_steps", "1",
-        "--save_strategy", "no",
-        "--weight_decay", "0.",
-        "--warmup_ratio", "0.03",
-        "--lr_scheduler_type", "cosine",
-        "--logging_steps", "1",
-        "--model_max_length", str(model_max_length),
-        "--gradient_checkpointing", str(bool(gradient_checkpointing)),
-        "--lazy_preprocess", "True",
-        # CPU flags
-        "--tf32", "False",
-        "--bf16", "False",
-        "--report_to", "none",
-        "--dataloader_num_workers", "0",
-        "--seed", "0",
-    ]
-    if stage == "pretrain":
-        args += ["--version", "plain", "--tune_mm_mlp_adapter", "True",
-                 "--learning_rate", "1e-3"]
-    else:
-        args += ["--version", "v1", "--image_aspect_ratio", "pad",
-                 "--group_by_modality_length", "True",
-                 "--learning_rate", "2e-4" if lora else "2e-5"]
-        if pretrain_mm_mlp_adapter is not None:
-            args += ["--pretrain_mm_mlp_adapter", str(pretrain_mm_mlp_adapter)]
-    if lora:
-        args += ["--lora_enable", "True", "--lora_r", "8", "--lora_alpha", "16"]
-    if mm_projector_lr is not None:
-        args += ["--mm_projector_lr", str(mm_projector_lr)]
-    if deepspeed_config is not None:
-        cfg = str(deepspeed_config)
-        if cfg in ("zero2", "zero3"):
-            cfg = str(deepspeed_config_path(cfg))
-        args += ["--deepspeed", cfg]
-    args += [str(a) for a in extra]
-    return args
+    from basic_plugin.lab.llava_args import cpu_args
+
+    return cpu_args(model=paths["lm"], vision_tower=paths["vision"], data_path=data_json,
+                    image_folder=image_folder, output_dir=output_dir, stage=stage, max_steps=max_steps,
+                    batch=batch, lora=lora, deepspeed=deepspeed_config,
+                    gradient_checkpointing=gradient_checkpointing,
+                    pretrain_mm_mlp_adapter=pretrain_mm_mlp_adapter, mm_projector_lr=mm_projector_lr,
+                    model_max_length=model_max_length, extra=extra)

@@ -18,6 +18,7 @@ training environment: LLaVA, basic-llava, DeepSpeed, flash-attn for the default 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -29,11 +30,19 @@ from typing import Dict, List, Optional
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-CONFIGS = {
-    "zero2": REPO_ROOT / "basic_plugin" / "configs" / "zero2.json",
-    "zero3": REPO_ROOT / "basic_plugin" / "configs" / "zero3.json",
-    "zero3_offload": HERE / "zero3_offload.json",
-}
+
+
+def _load_llava_args():
+    """basic_plugin/lab/llava_args.py, loaded by path: standard library only, without the package's dependencies."""
+    spec = importlib.util.spec_from_file_location("_basic_llava_llava_args",
+                                                  REPO_ROOT / "basic_plugin" / "lab" / "llava_args.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llava_args = _load_llava_args()
+CONFIGS = {**llava_args.DEEPSPEED_CONFIGS, "zero3_offload": HERE / "zero3_offload.json"}
 
 STAGES = ("pretrain", "finetune", "lora", "eval")
 ALL_STAGES = ("pretrain", "finetune", "eval")
@@ -43,43 +52,20 @@ LLM_LAYERS = {"7b": 32, "13b": 40}
 
 #: What LLaVA-1.5 trained with (8 GPUs): per-device batch x 8 x grad-accum 1.
 GLOBAL_BATCH = {"pretrain": 256, "finetune": 128, "lora": 128}
-PER_DEVICE_BATCH = {"pretrain": 32, "finetune": 16, "lora": 16}
+PER_DEVICE_BATCH = {stage: int(flags["--per_device_train_batch_size"])
+                    for stage, flags in llava_args.LLAVA15.items()}  # 32, 16, 16
 
-#: Flags shared by all three training scripts of LLaVA-1.5 (values as in scripts/v1_5/*.sh).
-COMMON_FLAGS = [
-    ("--vision_tower", None),  # filled from --vision-tower
-    ("--mm_projector_type", "mlp2x_gelu"),
-    ("--mm_vision_select_layer", "-2"),
-    ("--mm_use_im_start_end", "False"),
-    ("--mm_use_im_patch_token", "False"),
-    ("--bf16", "True"),
-    ("--num_train_epochs", "1"),
-    ("--per_device_eval_batch_size", "4"),
-    ("--evaluation_strategy", "no"),
-    ("--save_strategy", "steps"),
-    ("--save_total_limit", "1"),
-    ("--weight_decay", "0."),
-    ("--warmup_ratio", "0.03"),
-    ("--lr_scheduler_type", "cosine"),
-    ("--logging_steps", "1"),
-    ("--tf32", "True"),
-    ("--model_max_length", "2048"),
-    ("--gradient_checkpointing", "True"),
-    ("--dataloader_num_workers", "4"),
-    ("--lazy_preprocess", "True"),
-]
-
-STAGE_FLAGS = {
-    "pretrain": [("--version", "plain"), ("--tune_mm_mlp_adapter", "True"),
-                 ("--save_steps", "24000"), ("--learning_rate", "1e-3")],
-    "finetune": [("--version", "v1"), ("--image_aspect_ratio", "pad"),
-                 ("--group_by_modality_length", "True"), ("--save_steps", "50000"),
-                 ("--learning_rate", "2e-5")],
-    "lora": [("--lora_enable", "True"), ("--lora_r", "128"), ("--lora_alpha", "256"),
-             ("--mm_projector_lr", "2e-5"), ("--version", "v1"), ("--image_aspect_ratio", "pad"),
-             ("--group_by_modality_length", "True"), ("--save_steps", "50000"),
-             ("--learning_rate", "2e-4")],
-}
+#: Where each flag goes in a training command (the commands printed by --dry-run).
+ORDER = (
+    "--deepspeed", "--model_name_or_path", "--data_path", "--image_folder", "--pretrain_mm_mlp_adapter",
+    "--lora_enable", "--lora_r", "--lora_alpha", "--mm_projector_lr", "--version", "--tune_mm_mlp_adapter",
+    "--image_aspect_ratio", "--group_by_modality_length", "--save_steps", "--learning_rate", "--vision_tower",
+    "--mm_projector_type", "--mm_vision_select_layer", "--mm_use_im_start_end", "--mm_use_im_patch_token", "--bf16",
+    "--num_train_epochs", "--per_device_eval_batch_size", "--evaluation_strategy", "--save_strategy",
+    "--save_total_limit", "--weight_decay", "--warmup_ratio", "--lr_scheduler_type", "--logging_steps", "--tf32",
+    "--model_max_length", "--gradient_checkpointing", "--dataloader_num_workers", "--lazy_preprocess",
+    "--output_dir", "--per_device_train_batch_size", "--gradient_accumulation_steps", "--report_to",
+)
 
 #: The BASIC paper's table (VQAv2, GQA, SQA-I, MMB-EN/CN, MM-Vet, VizWiz) plus TextVQA.
 DEFAULT_BENCHMARKS = ("vqav2", "gqa", "sqa", "textvqa", "mmbench", "mmbench_cn", "mmvet", "vizwiz")
@@ -201,27 +187,19 @@ def train_step(args, stage: str) -> Step:
         config, data, images = "zero2", args.pretrain_data, args.pretrain_images
     else:
         config, data, images = ("zero3_offload" if args.offload else "zero3"), args.finetune_data, args.finetune_images
-    argv = launcher(args) + [
-        "--deepspeed", str(CONFIGS[config]),
-        "--model_name_or_path", args.model or f"lmsys/vicuna-{args.size}-v1.5",
-        "--data_path", data,
-        "--image_folder", images,
-    ]
-    if stage != "pretrain":
-        argv += ["--pretrain_mm_mlp_adapter", str(Path(where["pretrain"]) / "mm_projector.bin")]
-    for flag, value in STAGE_FLAGS[stage] + COMMON_FLAGS:
-        argv += [flag, args.vision_tower if flag == "--vision_tower" else value]
-    argv += ["--output_dir", where[stage],
-             "--per_device_train_batch_size", str(per_device),
-             "--gradient_accumulation_steps", str(accum),
-             "--report_to", args.report_to]
-    argv += basic_flags(args)
-    argv += shlex.split(args.extra_train_args or "")
+    adapter = None if stage == "pretrain" else str(Path(where["pretrain"]) / "mm_projector.bin")
+    argv = launcher(args) + llava_args.llava15_args(
+        stage, model=args.model or f"lmsys/vicuna-{args.size}-v1.5", data_path=data, image_folder=images,
+        vision_tower=args.vision_tower, output_dir=where[stage], deepspeed=CONFIGS[config],
+        pretrain_mm_mlp_adapter=adapter, order=ORDER,
+        overrides={"--per_device_train_batch_size": per_device, "--gradient_accumulation_steps": accum,
+                   "--report_to": args.report_to},
+        extra=basic_flags(args) + shlex.split(args.extra_train_args or ""))
     note = (f"{stage}: {Path(CONFIGS[config]).name}, {world} GPUs, global batch {global_batch} = "
             f"{per_device} x {world} x {accum}")
     if args.hostfile:
         note += " (multi-node: list variables the ranks need, e.g. LLAVA_PLUGINS, in .deepspeed_env)"
-    needs = [] if stage == "pretrain" else [str(Path(where["pretrain"]) / "mm_projector.bin")]
+    needs = [adapter] if adapter else []
     return Step(stage, f"train-{stage}", argv, note=note, needs=needs)
 
 

@@ -29,116 +29,71 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
 DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
 FULL = {"steps": 300, "test": 6000, "seeds": 3}
 TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
 
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "disabled",
-               "PYTHONUNBUFFERED": "1"}
-_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 ARMS = ("baseline", "basic")
 EVAL_FORMAT = 1
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def training_command(args: Sequence[str], deepspeed: bool = True) -> List[str]:
-    """``python -m deepspeed.launcher.runner --num_gpus 1 ... --module basic_plugin.train ARGS``."""
-    if not deepspeed:
-        return [sys.executable, "-m", "basic_plugin.train", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", str(free_port()),
-            "--module", "basic_plugin.train", *args]
 
 
 def run_training(args: Sequence[str], out_dir: Path, steps: int, *, deepspeed: bool = True, desc: str = "train",
                  progress: bool = True, threads: Optional[int] = None, position: int = 0,
                  timeout: float = 4 * 3600) -> dict:
-    """Run one training subprocess, a progress bar fed by the Trainer's per-step logs; return its log_history.
+    """One training run (:func:`basic_plugin.lab.launch.run`), a progress bar fed by its progress file.
 
-    ``threads``: ``OMP_NUM_THREADS`` of the run (None: inherited).
+    ``deepspeed``: under DeepSpeed's launcher with 1 rank. ``threads``: ``OMP_NUM_THREADS`` of
+    the run (None: inherited). Writes ``command.txt``, ``train.log`` and
+    ``train.progress.jsonl`` in ``out_dir``; returns its ``log_history``, wall time and end time.
     """
     from tqdm.auto import tqdm
 
+    from basic_plugin.lab import launch
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = training_command(args, deepspeed)
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
-    env.update(OFFLINE_ENV)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    log_path = out_dir / "train.log"
-    (out_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
-    start = time.monotonic()
     bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress, position=position, leave=True)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        pending = b""
-        try:
-            while True:
-                chunk = proc.stdout.read1(65536) if hasattr(proc.stdout, "read1") else proc.stdout.read(4096)
-                if not chunk:
-                    break
-                log.write(chunk)
-                pending += chunk
-                *lines, pending = re.split(rb"[\r\n]", pending)
-                for line in lines:
-                    if line.startswith(b"{'loss'"):
-                        bar.update()
-                        found = re.search(rb"'lm_loss': ([0-9.eE+-]+)", line)
-                        if found:
-                            bar.set_postfix_str(f"lm_loss {float(found.group(1)):.3f}")
-                if time.monotonic() - start > timeout:
-                    raise TimeoutError(f"training ran past {timeout:.0f}s")
-            proc.wait()
-        except BaseException:
-            try:
-                os.killpg(proc.pid, 9)
-            except ProcessLookupError:
-                pass
-            raise
-        finally:
-            bar.close()
-    wall = time.monotonic() - start
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace")[-4000:]
-        raise RuntimeError(f"training failed (exit {proc.returncode}); log: {log_path}\n{tail}")
-    state = out_dir / "trainer_state.json"
-    if not state.is_file() or not (out_dir / "mm_projector.bin").is_file():
-        raise RuntimeError(f"training left no trainer_state.json / mm_projector.bin in {out_dir}; log: {log_path}")
-    return {"log_history": json.loads(state.read_text())["log_history"], "wall_s": wall,
+
+    def show(record: dict) -> None:
+        if record.get("step", 0) > bar.n:
+            bar.update(record["step"] - bar.n)
+        if isinstance(record.get("lm_loss"), (int, float)):
+            bar.set_postfix_str(f"lm_loss {record['lm_loss']:.3f}")
+
+    try:
+        run = launch.run("basic_plugin.train", args, output_dir=out_dir, ranks=1 if deepspeed else None,
+                         threads=threads, timeout=timeout, log_path=out_dir / "train.log",
+                         command_file=out_dir / "command.txt", on_progress=show)
+    finally:
+        bar.close()
+    if not (out_dir / "mm_projector.bin").is_file():
+        raise RuntimeError(f"training left no mm_projector.bin in {out_dir}; log: {run['log']}")
+    return {"log_history": run["log_history"], "wall_s": run["wall_s"],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, arm: str, steps: int, batch: int,
                seed: int, lr: float, deepspeed: bool, basic_flags: Sequence[str] = ()) -> List[str]:
-    """LLaVA's pretrain.sh arguments (via :func:`basic_plugin.tiny.tiny_train_args`) for one arm."""
-    from basic_plugin.tiny import tiny_train_args
+    """LLaVA's pretrain.sh arguments for a CPU run (:func:`basic_plugin.lab.llava_args.cpu_args`) of one arm.
+
+    The seeds, the learning rate and ``--model_max_length 128`` come after the builder's flags
+    (the last value of a repeated flag wins), as in the lists stored with finished runs.
+    """
+    from basic_plugin.lab.llava_args import cpu_args
 
     extra = ["--seed", str(seed), "--data_seed", str(seed), "--seed_model_init", "True",
              "--learning_rate", str(lr), "--model_max_length", "128"]
     if arm == "basic":
         extra += ["--basic", "True", *basic_flags]
-    return tiny_train_args(paths, data["train"], data["image_folder"], out_dir, stage="pretrain", max_steps=steps,
-                           batch=batch, deepspeed_config="zero2" if deepspeed else None,
-                           gradient_checkpointing=False, extra=extra)
+    return cpu_args(model=paths["lm"], vision_tower=paths["vision"], data_path=data["train"],
+                    image_folder=data["image_folder"], output_dir=out_dir, stage="pretrain", max_steps=steps,
+                    batch=batch, deepspeed="zero2" if deepspeed else None, gradient_checkpointing=False, extra=extra)
 
 
 def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, progress: bool, seed) -> Dict[str, dict]:
