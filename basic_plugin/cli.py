@@ -1,4 +1,8 @@
-"""The ``basic-llava`` command: ``doctor``, ``plugins``, ``train`` and the project's jobs."""
+"""The ``basic-llava`` command: ``doctor``, ``train`` and the project's jobs.
+
+Every subcommand takes its own options directly (``basic-llava demo --steps 60``); a
+``--`` right after the subcommand is accepted by all of them and dropped.
+"""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) > 1 and argv[1] == "--":  # `basic-llava demo -- --steps 60`: the same, everywhere
+        del argv[1]
     if argv and argv[0] in (*JOBS, "train"):  # hand the rest over untouched (argparse would eat "--x" flags)
         args = argparse.Namespace(command=argv[0], rest=argv[1:])
         return train(args) if argv[0] == "train" else job(args)

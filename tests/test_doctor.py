@@ -240,3 +240,24 @@ def test_doctor_without_problems_exits_zero(monkeypatch, capsys, fixed_plugins):
     assert code == 0 and _problems_in_text(out) == 0
     code, out = run_cli(capsys, "--json")
     assert code == 0 and json.loads(out)["problems"] == 0
+
+
+def test_every_listed_subcommand_exists_and_takes_options_directly_or_after_a_double_dash():
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO_ROOT, training_env
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "basic_plugin.cli", *args], cwd=REPO_ROOT, env=training_env(),
+                              capture_output=True, text=True, timeout=300)
+
+    listed = cli("--help")
+    assert listed.returncode == 0
+    commands = sorted(set(listed.stdout.split("{", 1)[1].split("}", 1)[0].split(",")))
+    assert {"doctor", "train", "demo", "assets", "bench", "preflight"} <= set(commands)
+    for command in commands:
+        direct, dashed = cli(command, "--help"), cli(command, "--", "--help")
+        assert direct.returncode == 0 and dashed.returncode == 0, (command, direct.stderr[-500:], dashed.stderr[-500:])
+        text = ["\n".join(ln for ln in r.stdout.splitlines() if "[WARNING]" not in ln) for r in (direct, dashed)]
+        assert "usage" in text[0].lower() and text[0] == text[1], command

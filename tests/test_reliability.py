@@ -38,7 +38,8 @@ def parse(parser, tiny_llava, out, *extra, stage="pretrain"):
 
 @pytest.mark.parametrize("extra,message", [
     (["--basic_depth", "0"], "--basic_depth 0 is invalid"),
-    (["--basic_depth", "5"], "--basic_depth 5 is out of range; allowed: 1..4"),
+    (["--basic_depth", "5"], "--basic_depth 5 is out of range; allowed: 1..3"),
+    (["--basic_depth", "4"], "--basic_depth 4 is out of range; allowed: 1..3 (depth 4 would take the final-normed"),
     (["--basic_lambda_das", "-0.5"], "--basic_lambda_das -0.5 is invalid"),
     (["--basic_lambda_sds", "-1"], "--basic_lambda_sds -1.0 is invalid"),
     (["--mm_patch_merge_type", "spatial_unpad"], "--mm_patch_merge_type flat"),
@@ -103,9 +104,26 @@ def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message)
 
     real = versions._version
     monkeypatch.setattr(versions, "_version", lambda dist: found if dist in (package, "llava") else real(dist))
-    with pytest.raises(SystemExit) as error:
+    from basic_plugin.host.refusal import Refusal
+
+    with pytest.raises(Refusal) as error:
         versions.require_supported_versions()
-    assert message in str(error.value)
+    assert message in str(error.value) and "unsupported; allowed:" in str(error.value)
+
+
+def test_a_configuration_error_is_one_line_and_exit_2(tiny_llava, tiny_data_plain, tmp_path):
+    """e.g. --basic_depth 999: `error: ...`, status 2, no traceback, nothing written; the env var shows it."""
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_llava, *tiny_data_plain, out, extra=["--basic", "True", "--basic_depth", "999"])
+    cmd = training_command(HOST, args)
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 2 and len(lines) == 1 and "Traceback" not in res.stderr
+    assert lines[0].startswith("error: --basic_depth 999 is out of range; allowed: 1..3")
+    assert not out.exists()
+    debug = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env({"BASIC_LLAVA_TRACEBACK": "1"}),
+                           capture_output=True, text=True, timeout=300)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
 # ---------------------------------------------------------------- 2. bad data never crashes

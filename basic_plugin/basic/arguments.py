@@ -17,7 +17,8 @@ class BasicArguments:
 
     basic: bool = field(default=False, metadata={"help": "Enable BASIC's visual supervision of the projector."})
     basic_depth: Optional[int] = field(default=None, metadata={
-        "help": "Supervision depth k: target = l^2-weighted mean of layers 1..k (default: half the LLM's layers)."})
+        "help": "Supervision depth k: target = l^2-weighted mean of layers 1..k, k < the LLM's layer count "
+                "(default: half the LLM's layers)."})
     basic_lambda_das: float = field(default=1.0, metadata={"help": "Weight of the direction loss L_das."})
     basic_lambda_sds: float = field(default=0.01, metadata={"help": "Weight of the distribution loss L_sds."})
     basic_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T of L_sds."})
@@ -48,7 +49,7 @@ def validate_basic_arguments(args) -> None:
         raise ValueError(f"--{flag} {value!r} is invalid; allowed: {allowed}")
 
     if args.basic_depth is not None and args.basic_depth < 1:
-        bad("basic_depth", args.basic_depth, "an integer >= 1 and <= the LLM's layer count")
+        bad("basic_depth", args.basic_depth, "an integer >= 1 and < the LLM's layer count")
     for flag in ("basic_lambda_das", "basic_lambda_sds"):
         value = getattr(args, flag)
         if not (math.isfinite(value) and value >= 0):

@@ -31,9 +31,14 @@ def llava_validate_arguments(model_args, data_args, training_args):
         raise ValueError(f"--basic supports Llama and Mistral LLMs ({', '.join(SUPPORTED_MODEL_TYPES)}); "
                          f"--model_name_or_path is a {model_type!r} checkpoint")
     layers = config.get("num_hidden_layers")
-    if layers and training_args.basic_depth is not None and training_args.basic_depth > layers:
-        raise ValueError(f"--basic_depth {training_args.basic_depth} is out of range; allowed: 1..{layers} "
+    if layers and training_args.basic_depth is not None and training_args.basic_depth >= layers:
+        raise ValueError(f"--basic_depth {training_args.basic_depth} is out of range; allowed: {depth_range(layers)} "
                          "for this LLM")
+
+
+def depth_range(layers: int) -> str:
+    """Allowed depths: 1..L-1 (transformers' hidden_states[L] is after the final norm; docs/DECISIONS.md D5)."""
+    return f"1..{layers - 1} (depth {layers} would take the final-normed state)"
 
 
 SUPPORTED_CHECKPOINT_TYPES = ("llama", "mistral", "llava_llama", "llava_mistral", "llava")
@@ -71,8 +76,8 @@ def settings_for(model, training_args) -> BasicSettings | None:
                          f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})")
     layers = model.config.num_hidden_layers
     depth = training_args.basic_depth or layers // 2
-    if not 1 <= depth <= layers:
-        raise ValueError(f"--basic_depth {depth} is out of range; allowed: 1..{layers} for this LLM")
+    if not 1 <= depth < layers:
+        raise ValueError(f"--basic_depth {depth} is out of range; allowed: {depth_range(layers)} for this LLM")
     return BasicSettings(
         depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,
         temperature=training_args.basic_temperature, vocab=training_args.basic_vocab,

@@ -20,7 +20,7 @@ def explain_unknown_flags(error: ValueError) -> str:
     blocked = sorted(blocked_names() & set(available_entry_points()))
     hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
             "while they are blocked." if blocked else " No installed plugin defines them (see `basic-llava doctor`).")
-    return f"basic-llava: unknown training flags. {error}.{hint}"
+    return f"unknown training flags: {error}.{hint}"
 
 
 def main(attn_implementation: str | None = None) -> None:
@@ -29,7 +29,10 @@ def main(attn_implementation: str | None = None) -> None:
     from basic_plugin.host.integration import apply_plugin_host
     from basic_plugin.host.versions import require_supported_versions
 
-    require_supported_versions()
+    try:
+        require_supported_versions()
+    except ValueError as error:
+        refuse(error)
     apply_cpu_workarounds()
     allow_checkpoint_rng_states()
     apply_plugin_host()
@@ -39,7 +42,8 @@ def main(attn_implementation: str | None = None) -> None:
         llava_train.train(attn_implementation=attn_implementation)
     except ValueError as error:
         if UNUSED_ARGS in str(error):
-            raise SystemExit(explain_unknown_flags(error)) from None
+            print(f"error: {explain_unknown_flags(error)}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
         refuse(error)
         raise
     except RunStopped as stop:

@@ -66,8 +66,10 @@ def check_versions() -> list[Finding]:
 
 
 def require_supported_versions() -> None:
-    """Refuse to start training on a stack that is known to fail later."""
+    """Refuse to start training on a stack that is known to fail later: one ``error:`` line per package."""
     bad = [f for f in check_versions() if not f.ok]
     if bad:
-        lines = "\n".join(f"  {f.package} {f.found or '(missing)'}: {f.note}" for f in bad)
-        raise SystemExit(f"basic-llava: unsupported environment:\n{lines}\nRun `basic-llava doctor` for details.")
+        from basic_plugin.host.refusal import Refusal
+
+        raise Refusal("; ".join(f"{f.package} {f.found or '(missing)'}: unsupported; allowed: {f.note}" for f in bad)
+                      + " (details: basic-llava doctor)")
