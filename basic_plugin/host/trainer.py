@@ -14,6 +14,7 @@ from transformers import TrainerCallback
 from basic_plugin.host.forward import PluginForwardMixin
 from basic_plugin.host.objective import bind
 from basic_plugin.host.plugins import pm
+from basic_plugin.host.progress import progress_callback
 from basic_plugin.host.refusal import RunStopped
 
 
@@ -62,6 +63,9 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             self.plugin_stop_reason = None
             if self.plugin_binding is not None:
                 self.add_callback(PluginStopCallback(self))
+            progress = progress_callback()  # only when the launcher asked (BASIC_LLAVA_PROGRESS)
+            if progress is not None:
+                self.add_callback(progress)
 
         def create_optimizer(self):
             """LLaVA's parameter groups without the empty ones.
