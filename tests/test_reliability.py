@@ -271,21 +271,75 @@ def test_finished_basic_model_loads_and_generates_with_llava_code(tiny_llava, ti
 
 
 # ---------------------------------------------------------------- 6. security
-def test_every_torch_load_in_the_project_is_weights_only():
-    offenders = []
-    for path in (REPO_ROOT / "basic_plugin").rglob("*.py"):
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if "torch.load(" in line and "weights_only=True" not in line:
-                offenders.append(f"{path.relative_to(REPO_ROOT)}:{n}")
-    assert not offenders
+class _Payload:
+    """Unpickling it runs code (writes a marker): what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
 
 
-def test_plugins_load_only_from_entry_points():
-    import basic_plugin.host.plugins as plugins
+@pytest.fixture
+def hostile(tmp_path):
+    marker = tmp_path / "marker"
 
-    source = Path(plugins.__file__).read_text(encoding="utf-8")
-    assert "entry_points(group=ENTRY_POINT_GROUP)" in source
-    assert "import_module" not in source and "__import__" not in source and "exec(" not in source
+    def write(path):
+        torch.save({"weights": _Payload(marker)}, path)
+        return path
+    return write, marker
+
+
+def test_checkpoint_loading_never_runs_pickled_code(tiny_llava, tiny_data_plain, tmp_path, hostile):
+    """Every place that loads a pickled checkpoint (tower weights, a projector) refuses a hostile one."""
+    import pickle
+    import shutil
+    from types import SimpleNamespace
+
+    from basic_plugin.lab.lens import load_llava
+    from basic_plugin.lab.towers.dinov2 import DinoV2VisionTower
+    from transformers import CLIPImageProcessor, Dinov2Config, Dinov2Model
+
+    write, marker = hostile
+    tower = tmp_path / "dinov2"
+    Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                             image_size=56, patch_size=14)).save_pretrained(tower, safe_serialization=False)
+    CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}).save_pretrained(tower)
+    write(tower / "pytorch_model.bin")
+    with pytest.raises((pickle.UnpicklingError, OSError)):  # OSError: transformers' loader wraps it
+        DinoV2VisionTower(tower, SimpleNamespace(mm_vision_select_layer=-2, mm_vision_select_feature="patch"))
+    # a projector-only checkpoint as LLaVA's pretraining writes it, with a hostile mm_projector.bin
+    run = tmp_path / "pretrained"
+    run.mkdir()
+    shutil.copy(Path(tiny_llava["lm"]) / "config.json", run / "config.json")
+    write(run / "mm_projector.bin")
+    with pytest.raises(pickle.UnpicklingError):
+        load_llava(run, model_base=tiny_llava["lm"])
+    assert not marker.exists()
+    torch.load(run / "mm_projector.bin", weights_only=False)  # the payload is live: loading it unsafely runs it
+    assert marker.read_text() == "code ran"
+
+
+def test_plugins_load_only_from_entry_points(tmp_path, monkeypatch):
+    """A module on the path that is not an installed entry point is never loaded, even when named."""
+    import sys
+
+    from basic_plugin.host import plugins
+
+    (tmp_path / "sneaky_plugin.py").write_text("raise SystemExit('imported')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basic,sneaky_plugin")
+    plugins.reset_plugins()
+    try:
+        with pytest.warns(UserWarning, match="sneaky_plugin"):  # an unknown name: warned, not imported
+            pm = plugins.load_plugins()
+        assert "sneaky_plugin" not in sys.modules and pm.get_plugin("sneaky_plugin") is None
+        assert pm.get_plugin("basic") is not None
+    finally:
+        monkeypatch.delenv(plugins.ALLOW_ENV)
+        plugins.reset_plugins()
+        plugins.load_plugins()
 
 
 def test_training_touches_no_network(tiny_llava, tiny_data_plain, tmp_path):
