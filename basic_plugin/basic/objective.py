@@ -53,11 +53,23 @@ def vocabulary_matrix(model, settings: BasicSettings) -> torch.Tensor:
         return weight.detach().clone()
 
 
+def per_sample_sums(values: torch.Tensor, rows: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """``out[b] = sum of values[i] over the rows i of sample b`` (rows: (M,) sample index).
+
+    Not ``index_add_``: an accumulate op with repeated indices adds in an unspecified order
+    on some devices (atomics on CUDA), so its float result can change from run to run. Here
+    each value is written once into its own cell of a (B, M) zero matrix, and the rows are
+    summed by a plain reduction, whose order is fixed by the shape.
+    """
+    spread = values.new_zeros(num_samples, values.numel())
+    return spread.scatter_(0, rows.reshape(1, -1), values.reshape(1, -1)).sum(dim=1)
+
+
 def patch_weights(model, settings, hidden_states, batch, positions) -> tuple[torch.Tensor, torch.Tensor]:
     """(a_i per image row as used, raw attention mass per row), both detached."""
     rows = positions.batch_index
-    count = torch.zeros(positions.has_image.numel(), device=rows.device).index_add_(
-        0, rows, torch.ones_like(rows, dtype=torch.float32))
+    num_samples = positions.has_image.numel()
+    count = torch.bincount(rows, minlength=num_samples).to(torch.float32)  # exact integers
     if settings.patch_weights == "uniform":
         weights = 1.0 / count[rows]
         return weights, weights
@@ -67,7 +79,7 @@ def patch_weights(model, settings, hidden_states, batch, positions) -> tuple[tor
         query_chunk=settings.query_chunk).to(rows.device)
     if settings.patch_weights == "raw":
         return raw, raw
-    total = torch.zeros_like(count).index_add_(0, rows, raw)
+    total = per_sample_sums(raw, rows, num_samples)
     return raw / total[rows].clamp_min(1e-12), raw
 
 
