@@ -1,6 +1,8 @@
 """patches/: LLaVA's own plugin support trains exactly like basic-llava's runtime integration.
 
-``0001-plugin-hooks.patch`` is applied (dry run first, then for real) to a copy of the
+``0001-plugin-hooks.patch`` is what ``patches/build_patch.py`` makes of its template and the
+host's hook specifications (the two LLaVA-side hooks are specified once, in
+``basic_plugin/host/hookspecs.py``). It is applied (dry run first, then for real) to a copy of the
 installed ``llava`` package in a temp folder put first on PYTHONPATH; the tiny model then
 trains 3 steps through the patched LLaVA's own entry module (``python -m llava.train.train``,
 CPU, no DeepSpeed) and through the runtime integration (``python -m basic_plugin.train``, on
@@ -9,10 +11,21 @@ the unpatched wheel), with the same arguments and the same starting projector:
 - with ``--basic True`` both give the same per-step losses and BASIC terms;
 - without it, the patched LLaVA gives vanilla LLaVA's losses (``tests._vanilla_train``), with
   basic-llava installed, and with pluggy missing altogether;
-- with the plugins blocked, ``--basic`` is an unknown flag again (the patch is inert).
+- without any plugin (``LLAVA_PLUGINS=``), the patched LLaVA gives vanilla LLaVA's losses;
+- with the host kept out (``LLAVA_PLUGINS_BLOCK``, or an ``LLAVA_PLUGINS`` allow-list without
+  it), ``--basic`` is an unknown flag again (the patch is inert);
+- ``LLAVA_PLUGINS``, ``LLAVA_PLUGINS_BLOCK`` and ``LLAVA_PLUGINS_TRACE`` mean the same to the
+  patch's plugin manager as to the host's (``basic_plugin.host.plugins``).
+
+With ``LLAVA_DIR`` set to a LLaVA git repository (checkout or bare), both patches are also
+applied to its ``c121f04`` and re-exported with ``git format-patch``: the result must be the
+committed files byte for byte.
 """
 from __future__ import annotations
 
+import email.utils
+import importlib.util
+import inspect
 import json
 import os
 import re
@@ -35,7 +48,20 @@ SCRIPTS_PATCH = PATCHES / "0002-scripts-basic-flag.patch"
 CODE_FILES = {"llava/plugins.py", "llava/train/train.py", "llava/model/multimodal_encoder/builder.py"}
 SCRIPT_FILES = {f"scripts/v1_5/{n}.sh" for n in ("pretrain", "finetune", "finetune_lora")}
 HOST_ENTRY_POINT = ("basic-llava", "basic_plugin.host.native")
+AUTHOR = "basic-llava developers <basic-llava@users.noreply.github.com>"
+LLAVA_COMMIT = "c121f04"
 STEPS = 3
+
+
+def _load(path: Path, name: str):
+    """Import the file at ``path`` as a fresh module ``name`` (not via its package)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+build_patch = _load(PATCHES / "build_patch.py", "basic_llava_build_patch")
 
 
 def _diff_stats(text: str):
@@ -47,19 +73,83 @@ def _diff_stats(text: str):
     return set(files), added, removed
 
 
+def _header(text: str) -> dict:
+    head = text[:text.index("\n\n")].splitlines()
+    fields = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
+    fields["From_"] = head[0]
+    return fields
+
+
 def test_patches_are_small_git_format_patches():
     code = CODE_PATCH.read_text()
     assert code.startswith("From ") and "\nSubject: [PATCH 1/2]" in code
     files, added, removed = _diff_stats(code)
     # llava_arch.py and model/builder.py differ between git and the wheel: not touched
     assert files == CODE_FILES
-    assert len(added) <= 80 and not removed, (len(added), removed)
+    # 4 + 2 lines in LLaVA's files; llava/plugins.py carries the two hook specs verbatim
+    assert len(added) <= 110 and not removed, (len(added), removed)
+    assert len(added) - 6 == len(build_patch.plugins_py().splitlines())
 
     scripts = SCRIPTS_PATCH.read_text()
     assert scripts.startswith("From ") and "\nSubject: [PATCH 2/2]" in scripts
     files, added, removed = _diff_stats(scripts)
     assert files == SCRIPT_FILES
     assert added == ["+    --basic True \\"] * 3 and not removed
+
+
+def test_patch_headers_are_upstream_ready():
+    """``git format-patch --zero-commit`` headers: a real author and date, the same in both."""
+    headers = [_header(p.read_text()) for p in (CODE_PATCH, SCRIPTS_PATCH)]
+    for h in headers:
+        assert h["From_"] == "From 0000000000000000000000000000000000000000 Mon Sep 17 00:00:00 2001"
+        assert h["From"] == AUTHOR
+        date = email.utils.parsedate_to_datetime(h["Date"])
+        assert date.tzinfo is not None and date.year >= 2025, h["Date"]
+        assert "example" not in h["From"] and ".invalid" not in h["From"]
+    assert headers[0]["Date"] == headers[1]["Date"]
+
+
+def test_committed_patch_is_built_from_the_host_hookspecs():
+    """One source for the LLaVA-side hook specs: the committed patch is ``build_patch.py``'s output."""
+    assert build_patch.build() == CODE_PATCH.read_text(), "run: python patches/build_patch.py"
+    res = _run([sys.executable, str(PATCHES / "build_patch.py"), "--check"], REPO_ROOT)
+    assert res.returncode == 0, res.stderr
+    # the specs appear verbatim, and the host specifies exactly these hooks with these names
+    plugins_py = build_patch.plugins_py()
+    sources = build_patch.hookspec_sources()
+    assert list(sources) == list(build_patch.LLAVA_HOOKS) == ["llava_train_classes", "llava_build_vision_tower"]
+    for name, source in sources.items():
+        assert source.startswith("@hookspec") and f"def {name}(" in source
+        assert plugins_py.count(source) == 1, name
+    assert build_patch.build() == build_patch.build()  # deterministic
+
+
+def test_build_patch_detects_drift(tmp_path):
+    """A changed spec makes ``--check`` fail (the guard the test above relies on)."""
+    stale = tmp_path / "0001.patch"
+    stale.write_text(CODE_PATCH.read_text().replace("or return None.", "or None."))
+    assert build_patch.main(["--check", "--output", str(stale)]) == 1
+    assert build_patch.main(["--output", str(stale)]) == 0
+    assert stale.read_text() == CODE_PATCH.read_text()
+
+
+def test_diffstat_is_gits(tmp_path):
+    """``build_patch.diffstat`` equals ``git diff --stat=72 --summary`` (format-patch's width), long names too."""
+    files = {"a/very/long/path/to/some/file/somewhere/deep/down/the/tree/x.py": 150, "b.py": 1,
+             "c/" + "d" * 80 + ".py": 4, "llava/plugins.py": 98}  # in git's order
+    repo = tmp_path / "repo"
+    diff = ""
+    for path, n in files.items():
+        content = "".join(f"line {i}\n" for i in range(n))
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text(content)
+        diff += build_patch.new_file_diff(path, content)
+    env = _git_env(repo)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
+        assert _run(cmd, repo, env).returncode == 0
+    res = _run(["git", "-c", "diff.statGraphWidth=0", "diff", "--cached", "--stat=72", "--summary"], repo, env)
+    assert res.returncode == 0, res.stderr
+    assert build_patch.diffstat(diff) + "\n" == res.stdout
 
 
 def _git_env(tmp: Path) -> dict:
@@ -105,11 +195,29 @@ def test_patch_applied_to_the_wheel_and_reverses(patched_site):
     assert reverse.returncode == 0, reverse.stderr
 
 
-@pytest.mark.skipif(not os.environ.get("LLAVA_DIR"), reason="LLAVA_DIR (a LLaVA git checkout) not set")
-def test_patches_apply_to_a_llava_checkout():
-    llava_dir = Path(os.environ["LLAVA_DIR"])
-    res = _run(["git", "apply", "--check", str(CODE_PATCH), str(SCRIPTS_PATCH)], llava_dir)
+@pytest.mark.skipif(not os.environ.get("LLAVA_DIR"), reason="LLAVA_DIR (a LLaVA git repository) not set")
+def test_patches_are_git_format_patch_output_on_llava_c121f04(tmp_path):
+    """``git am`` on LLaVA c121f04, then ``git format-patch --zero-commit -U2``: the committed bytes."""
+    repo = tmp_path / "llava"
+    repo.mkdir()
+    env = dict(_git_env(repo), GIT_AUTHOR_NAME="x", GIT_AUTHOR_EMAIL="x@example.org",
+               GIT_COMMITTER_NAME="x", GIT_COMMITTER_EMAIL="x@example.org")
+    # the files the patches touch, as c121f04 has them (works for a checkout and a bare mirror)
+    archive = subprocess.run(["git", "-C", os.environ["LLAVA_DIR"], "archive", LLAVA_COMMIT, "llava", "scripts"],
+                             capture_output=True)
+    assert archive.returncode == 0, archive.stderr.decode()
+    subprocess.run(["tar", "x"], input=archive.stdout, cwd=repo, check=True)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "c121f04"],
+                ["git", "apply", "--check", str(CODE_PATCH), str(SCRIPTS_PATCH)],
+                ["git", "am", "-q", "--committer-date-is-author-date", str(CODE_PATCH), str(SCRIPTS_PATCH)]):
+        res = _run(cmd, repo, env)
+        assert res.returncode == 0, (cmd, res.stderr)
+    signature = CODE_PATCH.read_text().rsplit("\n-- \n", 1)[1].strip()
+    res = _run(["git", "format-patch", "-q", "--zero-commit", "-U2", "-2", "-o", str(tmp_path / "out"),
+                f"--signature={signature}"], repo, env)
     assert res.returncode == 0, res.stderr
+    made = sorted((tmp_path / "out").iterdir())
+    assert [p.read_text() for p in made] == [CODE_PATCH.read_text(), SCRIPTS_PATCH.read_text()]
 
 
 def test_llava_side_hooks_in_the_patched_package(patched_site):
@@ -157,7 +265,7 @@ def test_llava_side_hooks_in_the_patched_package(patched_site):
 
 
 def test_native_module_passes_the_hosts_validation():
-    """The host's own manager loads the ``basic-llava`` entry point too: it must pass ``check_pending``."""
+    """The host's own manager loads the ``basic-llava`` entry point too: it has the spec, no opt-out needed."""
     import pluggy
 
     from basic_plugin.host import hookspecs, native
@@ -166,6 +274,9 @@ def test_native_module_passes_the_hosts_validation():
     pm.add_hookspecs(hookspecs)
     pm.register(native, name=HOST_ENTRY_POINT[0])
     pm.check_pending()
+    (impl,) = pm.hook.llava_train_classes.get_hookimpls()
+    assert impl.plugin_name == HOST_ENTRY_POINT[0] and not impl.optionalhook
+    assert "optionalhook" not in Path(native.__file__).read_text()
     hosted = type("PluginTrainingArguments", (), {"_llava_plugin_base": object})
     assert native.native_train_classes({"TrainingArguments": hosted}) == {}
 
@@ -190,6 +301,102 @@ def test_native_host_replaces_what_the_runtime_integration_swaps():
             integration.remove_plugin_host()
     patch_names = re.search(r"TRAIN_CLASSES = \(([^)]*)\)", CODE_PATCH.read_text()).group(1)
     assert set(native.HOSTED_CLASSES) <= set(re.findall(r'"(\w+)"', patch_names))
+
+
+def test_llava_side_specs_equal_the_hosts(patched_site):
+    """The patched ``llava/plugins.py`` declares exactly the host's two LLaVA-side specs."""
+    from basic_plugin.host import hookspecs
+    from basic_plugin.host.plugins import pm as host_pm
+
+    patched = _load(patched_site / "llava" / "plugins.py", "llava_plugins_specs_under_test")
+    pm = patched.get_plugin_manager()
+    declared = {name for name in vars(pm.hook) if getattr(pm.hook, name).spec is not None}
+    assert declared == set(build_patch.LLAVA_HOOKS)
+    for name in build_patch.LLAVA_HOOKS:
+        ours, theirs = getattr(patched, name), getattr(hookspecs, name)
+        assert ours.__doc__ == theirs.__doc__, name
+        assert inspect.signature(ours) == inspect.signature(theirs, eval_str=True), name
+        spec, host_spec = getattr(pm.hook, name).spec, getattr(host_pm.hook, name).spec
+        assert spec.opts == host_spec.opts and spec.argnames == host_spec.argnames, name
+
+
+@pytest.fixture
+def host_plugins():
+    from basic_plugin.host import plugins
+
+    plugins.reset_plugins()
+    yield plugins
+    plugins.reset_plugins()
+
+
+ENVIRONMENTS = [
+    {},
+    {"LLAVA_PLUGINS": "dinov2"},
+    {"LLAVA_PLUGINS": " basic , basic-llava "},
+    {"LLAVA_PLUGINS": ""},
+    {"LLAVA_PLUGINS_BLOCK": "basic-llava"},
+    {"LLAVA_PLUGINS": "basic,dinov2", "LLAVA_PLUGINS_BLOCK": "dinov2"},
+    {"LLAVA_PLUGINS": "basic,no-such-plugin"},
+    {"LLAVA_PLUGINS_BLOCK": "no-such-plugin"},
+]
+
+
+@pytest.mark.parametrize("variables", ENVIRONMENTS, ids=lambda v: ";".join(f"{k}={v[k]}" for k in v) or "unset")
+def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site, host_plugins, monkeypatch,
+                                                                    variables):
+    """``LLAVA_PLUGINS`` / ``LLAVA_PLUGINS_BLOCK``: same loaded, blocked and unknown names in both managers."""
+    import warnings
+
+    for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in variables.items():
+        monkeypatch.setenv(var, value)
+    patched = _load(patched_site / "llava" / "plugins.py", "llava_plugins_env_under_test")
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        pm = patched.get_plugin_manager()
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        host_pm = host_plugins.load_plugins()
+
+    def loaded(manager):
+        return {name for name, plugin in manager.list_name_plugin() if plugin is not None}
+
+    def blocked(manager):
+        return {name for name in (n for n, _ in manager.list_name_plugin()) if manager.is_blocked(name)}
+
+    env = host_plugins.plugin_environment()
+    assert loaded(pm) == loaded(host_pm) == set(env.enabled)
+    assert blocked(pm) == blocked(host_pm) == host_plugins.blocked_names()
+    unknown = sorted(n for names in env.unknown.values() for n in names)
+    ours = [str(w.message) for w in ours if "unknown plugin name" in str(w.message)]
+    theirs = [str(w.message) for w in theirs if "unknown plugin name" in str(w.message)]
+    assert len(ours) == len(theirs) == (1 if unknown else 0)
+    for name in unknown:
+        assert name in ours[0] and name in theirs[0]
+
+
+def test_patched_manager_traces_like_the_host(patched_site, host_plugins, monkeypatch, capsys):
+    """``LLAVA_PLUGINS_TRACE=1``: every hook call and its result on stderr, in the host's format."""
+    import types
+
+    monkeypatch.delenv("LLAVA_PLUGINS", raising=False)
+    monkeypatch.delenv("LLAVA_PLUGINS_BLOCK", raising=False)
+    cfg = types.SimpleNamespace(mm_vision_tower="no-such-tower")
+    lines = {}
+    for value in ("1", "0"):
+        monkeypatch.setenv("LLAVA_PLUGINS_TRACE", value)
+        patched = _load(patched_site / "llava" / "plugins.py", "llava_plugins_trace_under_test")
+        capsys.readouterr()
+        assert patched.build_vision_tower(cfg, delay_load=True) is None
+        lines["patched", value] = capsys.readouterr().err.splitlines()
+        host_plugins.reset_plugins()
+        host_plugins.load_plugins().hook.llava_build_vision_tower(vision_tower_cfg=cfg, kwargs={"delay_load": True})
+        lines["host", value] = capsys.readouterr().err.splitlines()
+    assert lines["patched", "1"] == lines["host", "1"] == [
+        "[llava-plugins] llava_build_vision_tower -> ['dinov2']",
+        "[llava-plugins] llava_build_vision_tower returned None"]
+    assert lines["patched", "0"] == lines["host", "0"] == []
 
 
 # ----------------------------------------------------------------------------- training
@@ -230,10 +437,12 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
         "vanilla": ("tests._vanilla_train", (), None),
         "runtime": ("basic_plugin.train", ("--basic", "True"), None),
         "patched": ("llava.train.train", ("--basic", "True"), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
-        "patched_off": ("llava.train.train", (), {"PYTHONPATH": patched}),
+        "patched_off": ("llava.train.train", (), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
         "runtime_on_patched": ("basic_plugin.train", ("--basic", "True"), {"PYTHONPATH": patched}),
-        "patched_no_pluggy": ("llava.train.train", (),
-                              {"PYTHONPATH": f"{nopluggy.parent}{os.pathsep}{patched_site}"}),
+        "patched_no_pluggy": ("llava.train.train", (), {"PYTHONPATH": f"{nopluggy.parent}{os.pathsep}{patched_site}",
+                                                         "LLAVA_PLUGINS_TRACE": "1"}),
+        "patched_no_plugins": ("llava.train.train", (), {"PYTHONPATH": patched, "LLAVA_PLUGINS": "",
+                                                         "LLAVA_PLUGINS_TRACE": "1"}),
     }
 
     def run(name):
@@ -258,12 +467,29 @@ def test_patched_llava_with_basic_trains_like_the_runtime_integration(runs):
         assert {"lm_loss", "basic_das", "basic_sds"} <= set(ours)
         assert ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
         assert ours["basic_das"] > 0 and ours["basic_sds"] > 0
-    # the host's hooks ran inside the patched LLaVA's own train(): BASIC asked for hidden states
+    # the host's hooks ran inside the patched LLaVA's own train(): BASIC returned its objective
     trace = runs["patched"]["output"]
-    for hook in ("llava_model_ready", "llava_wants_hidden_states", "llava_auxiliary_losses", "llava_log_metrics"):
-        assert f"[llava-plugins] {hook} -> ['basic']" in trace, hook
+    assert "[llava-plugins] llava_objective -> ['basic']" in trace
+    assert "llava_objective returned [<basic_plugin.basic.plugin.BasicObjective" in trace
     # BASIC changed training: the loss differs from vanilla LLaVA's
     assert [e["loss"] for e in patched] != runs["vanilla"]["losses"]
+
+
+def test_hook_llava_train_classes(runs):
+    """LLaVA's own ``train()`` asks ``llava_train_classes`` (LLaVA's manager, LLAVA_PLUGINS_TRACE=1); the host answers.
+
+    Its classes are the ones that trained: the flag ``--basic`` parsed, and the plugin terms are logged.
+    """
+    trace = runs["patched"]["output"]
+    assert "[llava-plugins] llava_train_classes -> ['basic-llava']" in trace
+    answer = re.search(r"^\[llava-plugins\] llava_train_classes returned (\{.*)$", trace, re.M).group(1)
+    # the repr is cut at 400 characters: the first entries are enough
+    assert answer.startswith("{'TrainingArguments': <class 'basic_plugin.host.arguments.PluginTrainingArguments'>")
+    assert "'LlavaLlamaForCausalLM': <class 'basic_plugin.host.forward.LlavaLlamaForCausalLM'>" in answer
+    assert all({"basic_das", "basic_sds"} <= set(e) for e in _steps(runs["patched"]))
+    # LLaVA's builder asked the tower hook too; no plugin built this tower, so LLaVA's own did
+    assert "[llava-plugins] llava_build_vision_tower -> ['dinov2']" in trace
+    assert "[llava-plugins] llava_build_vision_tower returned None" in trace
 
 
 def test_runtime_integration_on_a_patched_llava_does_not_double_up(runs):
@@ -273,21 +499,36 @@ def test_runtime_integration_on_a_patched_llava_does_not_double_up(runs):
         assert set(ours) == set(theirs) and ours == pytest.approx(theirs, rel=1e-6, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["patched_off", "patched_no_pluggy"])
+@pytest.mark.parametrize("name", ["patched_off", "patched_no_pluggy", "patched_no_plugins"])
 def test_patched_llava_without_basic_is_vanilla(runs, name):
+    """Zero effect without plugins: no pluggy, no plugin loaded, or plugins loaded but off."""
     steps = _steps(runs[name])
     assert runs[name]["losses"] == pytest.approx(runs["vanilla"]["losses"], rel=1e-6)
     assert len(steps) == STEPS and not any(k.startswith("basic_") for e in steps for k in e)
-    # the host is loaded through the patch (it logs lm_loss) unless pluggy is missing
-    assert all(("lm_loss" in e) == (name == "patched_off") for e in steps)
+    # who answered LLaVA's llava_train_classes (LLAVA_PLUGINS_TRACE=1 in all three runs)
+    trace = [l for l in runs[name]["output"].splitlines() if l.startswith("[llava-plugins] llava_train_classes")]
+    expected = {"patched_off": ["[llava-plugins] llava_train_classes -> ['basic-llava']",  # the host, via the patch
+                                "[llava-plugins] llava_train_classes returned {"],
+                "patched_no_plugins": ["[llava-plugins] llava_train_classes -> []",
+                                       "[llava-plugins] llava_train_classes returned None"],
+                "patched_no_pluggy": []}[name]  # no plugin manager at all
+    assert [l[:len(e)] for l, e in zip(trace, expected)] == expected and len(trace) == len(expected), trace
 
 
-def test_blocked_plugins_leave_the_patched_llava_inert(patched_site, tiny_llava, tiny_data_plain, tmp_path):
-    out = tmp_path / "blocked"
+@pytest.mark.parametrize("variables", [{"LLAVA_PLUGINS_BLOCK": f"{HOST_ENTRY_POINT[0]},basic"},
+                                       {"LLAVA_PLUGINS": "dinov2", "LLAVA_PLUGINS_TRACE": "1"}],
+                         ids=["block", "allow"])
+def test_plugins_kept_out_leave_the_patched_llava_inert(patched_site, tiny_llava, tiny_data_plain, tmp_path,
+                                                        variables):
+    out = tmp_path / "kept_out"
     cmd = training_command("llava.train.train", tiny_train_args(
         tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=1, extra=("--basic", "True")))
-    env = training_env({"PYTHONPATH": f"{patched_site}{os.pathsep}{REPO_ROOT}",
-                        "LLAVA_PLUGINS_BLOCK": f"{HOST_ENTRY_POINT[0]},basic"})
+    env = training_env({"PYTHONPATH": f"{patched_site}{os.pathsep}{REPO_ROOT}", **variables})
+    for var in {"LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"} - set(variables):
+        env.pop(var, None)
     res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "Some specified arguments are not used by the HfArgumentParser: ['--basic', 'True']" in res.stderr
+    if "LLAVA_PLUGINS_TRACE" in variables:  # LLaVA asked; only the allowed tower plugin was there to answer
+        assert "[llava-plugins] llava_train_classes -> []" in res.stderr
+        assert "[llava-plugins] llava_train_classes returned None" in res.stderr

@@ -8,14 +8,20 @@ the classes :func:`basic_plugin.host.integration.apply_plugin_host` installs at 
 - ``ModelArguments``, ``DataArguments``, ``TrainingArguments``: the last plus every field
   of every plugin's argument dataclass (``--basic True`` and friends), all three validated
   by the plugins while parsing;
-- ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM``: the plugin forward
-  (``llava_auxiliary_losses`` with hidden states and image positions, inside ``forward``);
-- ``LLaVATrainer``: ``llava_model_ready`` and logging of the named loss terms.
+- ``LlavaLlamaForCausalLM`` / ``LlavaMistralForCausalLM``: the plugin forward (the run's
+  objectives, with hidden states and image positions, inside ``forward``);
+- ``LLaVATrainer``: asks the plugins for their objectives (``llava_objective``) and logs
+  their named loss terms.
 
 So ``deepspeed llava/train/train_mem.py ... --basic True`` of a patched LLaVA trains
 exactly as ``deepspeed --module basic_plugin.train_mem ... --basic True`` does with an
 unpatched one. The vision-tower seam needs nothing here: the patched LLaVA asks
 ``llava_build_vision_tower`` of the plugins itself (at inference too).
+
+Both hooks are specified once, in :mod:`basic_plugin.host.hookspecs`; the patch's
+``llava/plugins.py`` carries the same specs (``patches/build_patch.py`` writes them in).
+The host's own plugin manager loads this entry point too, and knows the hook, so this
+implementation passes its validation like any other plugin's.
 
 When the runtime integration is already in place (``python -m basic_plugin.train`` on a
 patched LLaVA), the classes LLaVA passes are already the host's: nothing is replaced twice.
@@ -26,7 +32,7 @@ from typing import Dict
 
 from basic_plugin.host.hookspecs import hookimpl
 
-from basic_plugin.host.integration import HOSTED_CLASSES, host_classes  # noqa: E402,F401  (one definition)
+from basic_plugin.host.integration import HOSTED_CLASSES, host_classes  # noqa: F401  (one definition)
 
 
 def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
@@ -52,8 +58,7 @@ def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
     return host_classes(classes)
 
 
-# optionalhook: the host's own plugin manager (which loads this entry point too) has no spec for it
-@hookimpl(optionalhook=True)
+@hookimpl
 def llava_train_classes(classes):
     """Hook of the patched LLaVA (``llava/plugins.py``): replace its training classes."""
     return native_train_classes(classes)
