@@ -58,9 +58,9 @@ def llava_objective(model: Any, tokenizer: Any, training_args: Any, data_args: A
 
 @hookspec(firstresult=True)
 def llava_train_classes(classes: Mapping[str, type]) -> Optional[Mapping[str, type]]:
-    """Asked by a LLaVA that carries ``patches/0001-plugin-hooks.patch``, first thing in ``train()``.
+    """Asked first thing in ``train()``: which of its classes to train with.
 
     ``classes`` maps the names of the classes ``train()`` uses (argument classes, model
     classes, ``LLaVATrainer``) to LLaVA's own; return ``{name: subclass}`` for those to
-    replace. The host answers it (``basic_plugin.host.native``), so a plugin never needs to.
+    replace (each must subclass the one it replaces), or None to keep them all.
     """
