@@ -1,4 +1,4 @@
-"""Tests for basic_plugin/losses.py against independent float64 references.
+"""Tests for basic_plugin/basic/losses.py against independent float64 references.
 
 The references below are written from the formulas in BASIC.md (plain loops / einsum in
 float64) and never call the functions under test.
@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from basic_plugin.losses import direction_loss, distribution_loss, refined_target
+from basic_plugin.basic.losses import direction_loss, distribution_loss, refined_target
 
 
 
@@ -463,7 +463,7 @@ def test_chunked_path_skips_gradient_work_when_not_needed():
 
 
 def test_direction_loss_over_several_chunks_leaves_inputs_untouched(monkeypatch):
-    import basic_plugin.losses as losses
+    import basic_plugin.basic.losses as losses
 
     monkeypatch.setattr(losses, "DIRECTION_CHUNK", 4)  # 11 rows -> 3 chunks
     s, t, _, w = make_inputs(11, 6, 3, torch.float32)

@@ -1,4 +1,4 @@
-"""Tests for basic_plugin.patch_weights.image_attention_mass (BASIC a_i, decision D3).
+"""Tests for basic_plugin.basic.patch_weights.image_attention_mass (BASIC a_i, decision D3).
 
 The reference a_i is computed here from the attention probabilities that an eager model
 returns (``output_attentions=True``), in float64 with plain loops, straight from the
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from basic_plugin.patch_weights import image_attention_mass
+from basic_plugin.basic.patch_weights import image_attention_mass
 
 L = 24
 VOCAB = 50

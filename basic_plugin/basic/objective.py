@@ -5,8 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from basic_plugin.losses import direction_loss, distribution_loss, refined_target
-from basic_plugin.patch_weights import image_attention_mass
+from basic_plugin.basic.target import target_layers
+from basic_plugin.basic.losses import direction_loss, distribution_loss, refined_target
+from basic_plugin.basic.patch_weights import image_attention_mass
 
 
 @dataclass
@@ -92,7 +93,7 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
     hidden_states = outputs.hidden_states
     rows, seq = positions.batch_index, positions.seq_index
     student = hidden_states[0][rows, seq]
-    target = refined_target([hidden_states[layer][rows, seq] for layer in range(1, settings.depth + 1)])
+    target = refined_target([hidden_states[layer][rows, seq] for layer in target_layers(settings.depth)])
     weights, raw = patch_weights(model, settings, hidden_states, batch, positions)
     samples = positions.has_image.sum().clamp_min(1).to(torch.float32)
     per_batch = (weights / samples).detach()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from basic_plugin import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
+from basic_plugin.basic.target import default_depth, depth_range, valid_depth
 from basic_plugin.basic.objective import BasicSettings, basic_terms
 
 SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
@@ -31,14 +32,9 @@ def llava_validate_arguments(model_args, data_args, training_args):
         raise ValueError(f"--basic supports Llama and Mistral LLMs ({', '.join(SUPPORTED_MODEL_TYPES)}); "
                          f"--model_name_or_path is a {model_type!r} checkpoint")
     layers = config.get("num_hidden_layers")
-    if layers and training_args.basic_depth is not None and training_args.basic_depth >= layers:
+    if layers and training_args.basic_depth is not None and not valid_depth(training_args.basic_depth, layers):
         raise ValueError(f"--basic_depth {training_args.basic_depth} is out of range; allowed: {depth_range(layers)} "
                          "for this LLM")
-
-
-def depth_range(layers: int) -> str:
-    """Allowed depths: 1..L-1 (transformers' hidden_states[L] is after the final norm; docs/DECISIONS.md D5)."""
-    return f"1..{layers - 1} (depth {layers} would take the final-normed state)"
 
 
 SUPPORTED_CHECKPOINT_TYPES = ("llama", "mistral", "llava_llama", "llava_mistral", "llava")
@@ -75,8 +71,8 @@ def settings_for(model, training_args) -> BasicSettings | None:
         raise ValueError(f"--basic supports {', '.join(SUPPORTED_MODEL_TYPES)} models; this one is "
                          f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r})")
     layers = model.config.num_hidden_layers
-    depth = training_args.basic_depth or layers // 2
-    if not 1 <= depth < layers:
+    depth = training_args.basic_depth or default_depth(layers)
+    if not valid_depth(depth, layers):
         raise ValueError(f"--basic_depth {depth} is out of range; allowed: {depth_range(layers)} for this LLM")
     return BasicSettings(
         depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,

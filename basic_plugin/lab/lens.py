@@ -48,6 +48,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+from basic_plugin.basic.target import default_depth
+
 #: English function words that never count as meaningful (lower case).
 STOP_WORDS = frozenset("""
 a about above after again against all also am an and any are aren as at be because been before
@@ -362,13 +364,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "lens.json").write_text(json.dumps({"model_path": str(args.model_path), "model_base": args.model_base,
                                                "images": [str(f) for f in files], **summary}, indent=1))
-    png = plot_layers({label: summary}, out / "lens.png", depth=(len(summary["mean_meaningful"]) - 1) // 2)
+    png = plot_layers({label: summary}, out / "lens.png", depth=default_depth(len(summary["mean_meaningful"]) - 1))
     print(format_layer_table({label: summary}))
     layers = len(summary["mean_meaningful"]) - 1
     print(f"[lens] {summary['images']} images, {summary['tokens_per_image']:g} image tokens each, {layers} LLM layers; "
           f"meaningful nearest words: {summary['mean_meaningful'][0]:.1f} at the input, "
           f"peak {summary['mean_meaningful'][summary['best_layer']]:.1f} after layer {summary['best_layer']} "
-          f"(BASIC's --basic_depth default is {layers // 2}); {png} ({time.perf_counter() - start:.0f}s)")
+          f"(BASIC's --basic_depth default is {default_depth(layers)}); {png} ({time.perf_counter() - start:.0f}s)")
     return 0
 
 

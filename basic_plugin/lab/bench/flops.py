@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from basic_plugin.basic.target import default_depth
+
 __all__ = ["LLMShape", "TowerShape", "Workload", "VICUNA_7B", "VICUNA_13B", "CLIP_L_336", "SMOLLM2_135M",
            "DINOV2_S_224", "PRETRAIN_TEXT", "FINETUNE_TEXT", "step_flops", "basic_flops", "flop_share",
            "reference_flop_rows", "llm_shape_of", "tower_shape_of"]
@@ -149,7 +151,7 @@ def reference_flop_rows() -> List[Dict[str, object]]:
     for llm in (VICUNA_7B, VICUNA_13B):
         for stage, (before, after) in (("pretrain", PRETRAIN_TEXT), ("finetune", FINETUNE_TEXT)):
             for ckpt in (False, True):
-                wl = Workload(stage, 576, before, after, llm.layers // 2, vision_hidden=CLIP_L_336.hidden,
+                wl = Workload(stage, 576, before, after, default_depth(llm.layers), vision_hidden=CLIP_L_336.hidden,
                               vocab_grad=stage == "finetune", checkpointing=ckpt)
                 share = flop_share(llm, CLIP_L_336, wl)
                 rows.append({"model": llm.name, "stage": stage, "tokens": wl.tokens, "depth": wl.depth,

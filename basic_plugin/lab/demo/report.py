@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from basic_plugin.lab.demo.evaluate import compare_paired, mcnemar_sample_size, paired_bootstrap
+from basic_plugin.basic.target import default_depth
 
 LABELS = {"baseline": "baseline", "basic": "BASIC"}
 
@@ -213,7 +214,7 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
     lens_png = None
     if agg["lens"]:
         layers = len(agg["lens"]["basic"]["mean_meaningful"]) - 1
-        depth = layers // 2
+        depth = default_depth(layers)
         flags = list(basic_flags)
         if "--basic_depth" in flags[:-1]:
             depth = int(flags[flags.index("--basic_depth") + 1])

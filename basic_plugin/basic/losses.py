@@ -2,7 +2,7 @@
 
 All row tensors are per image token: ``student`` is the projector output ``v_i`` (N, d),
 ``target`` the refined embedding ``vhat_i`` (N, d), ``weights`` the per-patch weights
-``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). See /work/shared/BASIC.md.
+``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). The formulas are in INTEGRATION.md ("BASIC's flags").
 
 Precision: math runs in fp32 for fp32/bf16/fp16 inputs (float64 stays float64, so
 ``torch.autograd.gradcheck`` is meaningful), with autocast disabled, because softmax/KL over
@@ -22,6 +22,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from basic_plugin.basic.target import target_weights
 
 __all__ = ["refined_target", "direction_loss", "distribution_loss"]
 
@@ -91,14 +93,13 @@ def refined_target(layer_states: Sequence[torch.Tensor]) -> torch.Tensor:
                 f"all layer states must share one shape; layer {l} has {tuple(h.shape)}, "
                 f"layer 1 has {tuple(states[0].shape)}"
             )
-    k = len(states)
-    denom = k * (k + 1) * (2 * k + 1) / 6.0  # sum_{j=1..k} j^2
+    weights = target_weights(len(states))
     out_dtype = states[0].dtype
     acc_dtype = _compute_dtype(*states)
     with torch.no_grad():
         acc = torch.zeros(states[0].shape, dtype=acc_dtype, device=states[0].device)
-        for l, h in enumerate(states, start=1):
-            acc.add_(h.to(acc_dtype), alpha=(l * l) / denom)
+        for w, h in zip(weights, states):
+            acc.add_(h.to(acc_dtype), alpha=w)
     return acc.to(out_dtype)
 
 
