@@ -73,7 +73,7 @@ def _clear_grads(inp: LossInputs) -> None:
 
 def loss_fwd_bwd(inp: LossInputs, chunk_size: Optional[int]) -> torch.Tensor:
     """``L_das + 0.01 * L_sds``, forward and backward (grads land in student/vocab .grad)."""
-    from basic_plugin.losses import direction_loss, distribution_loss
+    from basic_plugin.basic.losses import direction_loss, distribution_loss
 
     _clear_grads(inp)
     loss = direction_loss(inp.student, inp.target, inp.weights) + LAMBDA_SDS * distribution_loss(
