@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from basic_plugin.host.preflight import preflight
-    from basic_plugin.tiny import build_tiny_llava
+    from basic_plugin.lab.tiny import build_tiny_llava
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)

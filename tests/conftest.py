@@ -31,7 +31,7 @@ def hf_offline():
 @pytest.fixture(scope="session")
 def tiny_llava(tmp_path_factory):
     """Paths of a tiny random LLaVA: ``{"root", "lm", "vision", "tokenizer_model"}`` (~4 s)."""
-    from basic_plugin.tiny import build_tiny_llava
+    from basic_plugin.lab.tiny import build_tiny_llava
 
     return build_tiny_llava(tmp_path_factory.mktemp("tiny_llava"), seed=0)
 
@@ -39,7 +39,7 @@ def tiny_llava(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data_plain(tmp_path_factory):
     """``(json_path, image_folder)``: 16 pretraining records (plain template)."""
-    from basic_plugin.tiny import write_tiny_dataset
+    from basic_plugin.lab.tiny import write_tiny_dataset
 
     return write_tiny_dataset(tmp_path_factory.mktemp("data_plain"), n=16, template="plain",
                               seed=0)
@@ -48,7 +48,7 @@ def tiny_data_plain(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_data_v1(tmp_path_factory):
     """``(json_path, image_folder)``: 16 v1 records, 4 of them text-only, 1-3 rounds each."""
-    from basic_plugin.tiny import write_tiny_dataset
+    from basic_plugin.lab.tiny import write_tiny_dataset
 
     return write_tiny_dataset(tmp_path_factory.mktemp("data_v1"), n=16, template="v1", seed=0,
                               text_only=4)

@@ -162,7 +162,7 @@ def _write_small_mini(root):
     patch 14: 16 image tokens) as vision/, the layout of ``--mini-dir`` and of the assets."""
     from transformers import CLIPImageProcessor, Dinov2Config, Dinov2Model
 
-    from basic_plugin.tiny import build_tiny_llava
+    from basic_plugin.lab.tiny import build_tiny_llava
 
     paths = build_tiny_llava(root / "build", layers=2)
     vision = root / "vision"

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from basic_plugin.tiny import tiny_train_args
+from basic_plugin.lab.tiny import tiny_train_args
 from tests.helpers import REPO_ROOT, run_training, training_command, training_env
 
 HOST = "basic_plugin.train"

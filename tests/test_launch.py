@@ -171,7 +171,7 @@ def test_demo_arguments_are_unchanged():
 
 
 def test_tiny_arguments_are_unchanged():
-    from basic_plugin.tiny import tiny_train_args
+    from basic_plugin.lab.tiny import tiny_train_args
 
     assert tiny_train_args(PATHS, "/d/v1.json", "/d/img", "/o/run", stage="finetune", max_steps=3, batch=1, lora=True,
                            deepspeed_config="zero3", pretrain_mm_mlp_adapter="/p/mm_projector.bin",
@@ -348,7 +348,7 @@ PROGRESS_ENTRY = """
 
 
 def test_launcher_reads_progress_while_training(tiny_llava, tiny_data_plain, tmp_path):
-    from basic_plugin.tiny import tiny_train_args
+    from basic_plugin.lab.tiny import tiny_train_args
 
     entry = tmp_path / "entry"
     entry.mkdir()

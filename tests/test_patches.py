@@ -39,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from basic_plugin.tiny import VISION_HIDDEN, tiny_train_args
+from basic_plugin.lab.tiny import VISION_HIDDEN, tiny_train_args
 from tests.helpers import REPO_ROOT, run_training, training_command, training_env
 
 PATCHES = REPO_ROOT / "patches"

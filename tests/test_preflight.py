@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from basic_plugin.tiny import tiny_train_args, write_tiny_dataset
+from basic_plugin.lab.tiny import tiny_train_args, write_tiny_dataset
 from tests.helpers import REPO_ROOT, run_training, training_command, training_env
 
 HOST = "basic_plugin.train"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from basic_plugin.tiny import tiny_train_args, write_tiny_dataset
+from basic_plugin.lab.tiny import tiny_train_args, write_tiny_dataset
 from tests.helpers import REPO_ROOT, all_finite, run_training, training_command, training_env
 
 HOST = "basic_plugin.train"

@@ -9,7 +9,7 @@ CPU once an op has about 32K elements) would show up. The model is wide enough (
 import pytest
 import torch
 
-from basic_plugin.tiny import build_tiny_llava, tiny_train_args
+from basic_plugin.lab.tiny import build_tiny_llava, tiny_train_args
 from tests.helpers import run_training
 from tests.test_basic_objective import last_step, make_batch, make_model, ready
 

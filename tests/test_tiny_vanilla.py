@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from basic_plugin.tiny import NUM_PATCHES, VISION_HIDDEN, tiny_train_args
+from basic_plugin.lab.tiny import NUM_PATCHES, VISION_HIDDEN, tiny_train_args
 from tests.helpers import all_finite, run_training
 
 VANILLA = "tests._vanilla_train"

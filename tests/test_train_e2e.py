@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from basic_plugin.tiny import tiny_train_args
+from basic_plugin.lab.tiny import tiny_train_args
 from tests.helpers import all_finite, run_training
 
 HOST = "basic_plugin.train"

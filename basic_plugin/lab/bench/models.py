@@ -1,6 +1,6 @@
 """The models whose whole training step is timed: ``tiny``, ``mini-shaped`` and ``mini``.
 
-- ``tiny``: :mod:`basic_plugin.tiny`'s LLaVA (seconds, always available);
+- ``tiny``: :mod:`basic_plugin.lab.tiny`'s LLaVA (seconds, always available);
 - ``mini-shaped``: random weights with the real mini-LLaVA's shapes (FLOPs do not depend
   on the weights, so it stands in for the real one when that is not installed);
 - ``mini``: the real-parts mini-LLaVA (SmolLM2-135M-Instruct + DINOv2-small at 224 px),
@@ -77,8 +77,8 @@ def _write_clip(vision_dir, *, hidden, layers, heads, ffn, image_size, patch, se
 
 
 def build_tiny(workdir) -> object:
-    """basic_plugin.tiny's LLaVA (4 layers, d 64, 16 image tokens), loaded like training does."""
-    from basic_plugin.tiny import build_tiny_llava
+    """basic_plugin.lab.tiny's LLaVA (4 layers, d 64, 16 image tokens), loaded like training does."""
+    from basic_plugin.lab.tiny import build_tiny_llava
 
     paths = build_tiny_llava(os.path.join(workdir, "tiny"), layers=4)
     _, cls = _llava_classes()

@@ -22,7 +22,7 @@ Trained runs are reused when their arguments are unchanged (``--retrain`` to red
 (the two models disagree on about 28% of the images), McNemar's test needs about 5,500 paired
 images to resolve a 2-point accuracy difference (alpha 0.05, power 0.8); the report prints this
 number for the run at hand. Hours on a CPU.
-``--tiny``: the tiny random model of :mod:`basic_plugin.tiny` (tests only).
+``--tiny``: the tiny random model of :mod:`basic_plugin.lab.tiny` (tests only).
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           flush=True)
     t = time.perf_counter()
     if args.tiny:
-        from basic_plugin.tiny import IMAGE_SIZE, build_tiny_llava
+        from basic_plugin.lab.tiny import IMAGE_SIZE, build_tiny_llava
 
         tiny_root = out / "tiny_model"
         if not (tiny_root / "lm" / "config.json").is_file():

@@ -286,7 +286,7 @@ def write_tiny_dataset(root: PathLike, *, n: int = 16, template: str = "plain", 
     return json_path, image_folder
 
 
-_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def deepspeed_config_path(name: str) -> Path:
