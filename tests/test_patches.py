@@ -532,3 +532,20 @@ def test_plugins_kept_out_leave_the_patched_llava_inert(patched_site, tiny_llava
     if "LLAVA_PLUGINS_TRACE" in variables:  # LLaVA asked; only the allowed tower plugin was there to answer
         assert "[llava-plugins] llava_train_classes -> []" in res.stderr
         assert "[llava-plugins] llava_train_classes returned None" in res.stderr
+
+
+def test_patched_llavas_own_entry_refuses_in_one_line(tiny_llava, tiny_data_plain, patched_site, tmp_path):
+    """LLaVA's own train() cannot catch our refusals: they still end as one `error:` line, status 2."""
+    import subprocess
+
+    from tests.helpers import training_command, training_env
+
+    out = tmp_path / "run"
+    args = tiny_train_args(tiny_llava, *tiny_data_plain, out, extra=("--basic", "True", "--basic_depth", "999"))
+    env = training_env({"PYTHONPATH": f"{patched_site}{os.pathsep}{REPO_ROOT}"})
+    res = subprocess.run(training_command("llava.train.train", args), cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(errors) == 1 and errors[0].startswith("error: --basic_depth 999 is out of range")
+    assert not out.exists()

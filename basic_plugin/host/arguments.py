@@ -136,6 +136,15 @@ def picklable_base(base: type) -> type:
     return object
 
 
+def refused(error: Refusal):
+    """Raise ``error`` (the entry point prints it), or exit at once where no entry point of ours can."""
+    from basic_plugin.host import refusal
+
+    if refusal.exit_at_refusal:
+        refusal.exit_with(error)
+    raise error
+
+
 def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
     """Return ``base`` extended with the host's fields and those of ``plugin_classes``
     (default: the loaded plugins')."""
@@ -159,14 +168,17 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             host_checks(model_args, data_args, self)
             check_plugin_values(self, plugin_classes)
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
-        except Refusal:
-            raise
+        except Refusal as error:
+            refused(error)
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
-            raise Refusal(str(error)) from error
+            refused(Refusal(str(error)))
         from basic_plugin.host.preflight import run_preflight
 
-        run_preflight(model_args, data_args, self,
-                      plugin_active=bool(active_plugin_classes(self, plugin_classes)))
+        try:
+            run_preflight(model_args, data_args, self,
+                          plugin_active=bool(active_plugin_classes(self, plugin_classes)))
+        except Refusal as error:
+            refused(error)
         if self.seed_model_init:
             import transformers
 

@@ -51,7 +51,13 @@ def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
 
     if hasattr(classes["TrainingArguments"], "_llava_plugin_base"):  # runtime integration in place
         return {}
-    require_supported_versions()
+    from basic_plugin.host import refusal
+
+    refusal.exit_at_refusal = True  # LLaVA's own entry prints tracebacks: refusals exit here, one line
+    try:
+        require_supported_versions()
+    except refusal.Refusal as error:
+        refusal.exit_with(error)
     apply_cpu_workarounds()
     allow_checkpoint_rng_states()
     load_plugins()

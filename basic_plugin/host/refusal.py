@@ -13,5 +13,20 @@ class Refusal(ValueError):
     """A setting or input the run cannot use; the message names it and what is allowed."""
 
 
+#: set by an entry point that cannot catch (a patched LLaVA's own ``train()``): refusals exit at once
+exit_at_refusal = False
+
+
+def exit_with(error: Refusal):
+    """Print ``error: <message>`` and exit with status 2, unless a traceback was asked for."""
+    import os
+    import sys
+
+    if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+        raise error
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
+
+
 class RunStopped(RuntimeError):
     """A guard of the host ended training on purpose; the message says why and what was saved."""

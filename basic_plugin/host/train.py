@@ -54,11 +54,10 @@ def main(attn_implementation: str | None = None) -> None:
 
 def refuse(error: ValueError) -> None:
     """A :class:`Refusal` ends the run with ``error: <message>`` and status 2, no traceback."""
-    from basic_plugin.host.refusal import TRACEBACK_ENV, Refusal
+    from basic_plugin.host.refusal import Refusal, exit_with
 
-    if isinstance(error, Refusal) and os.environ.get(TRACEBACK_ENV, "") in ("", "0"):
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+    if isinstance(error, Refusal):
+        exit_with(error)
 
 
 if __name__ == "__main__":
