@@ -41,6 +41,15 @@ class BasicArguments:
         "help": "Apply BASIC in projector pretraining (--tune_mm_mlp_adapter True)."})
     basic_finetune: bool = field(default=True, metadata={
         "help": "Apply BASIC in instruction tuning (projector + LLM trainable)."})
+    basic_guard: str = field(default="warn", metadata={
+        "help": "When image tokens collapse or BASIC's terms out-weigh the caption loss over a window of logging "
+                "steps: warn (one line in the log), stop (checkpoint and end the run), or off.",
+        "choices": ["warn", "stop", "off"]})
+    basic_guard_window: int = field(default=5, metadata={"help": "Logging steps the guard averages over."})
+    basic_guard_collapse: float = field(default=0.9, metadata={
+        "help": "Guard threshold on the mean pairwise cosine of an image's projector tokens."})
+    basic_guard_share: float = field(default=0.5, metadata={
+        "help": "Guard threshold on BASIC's share of the loss, (das + sds) / total."})
 
 
 def validate_basic_arguments(args) -> None:
@@ -60,6 +69,13 @@ def validate_basic_arguments(args) -> None:
                           ("basic_kl", KL_CHOICES)):
         if getattr(args, flag) not in choices:
             bad(flag, getattr(args, flag), "|".join(choices))
+    if args.basic_guard not in ("warn", "stop", "off"):
+        bad("basic_guard", args.basic_guard, "warn|stop|off")
+    if args.basic_guard_window < 1:
+        bad("basic_guard_window", args.basic_guard_window, "an integer >= 1")
+    for flag in ("basic_guard_collapse", "basic_guard_share"):
+        if not 0 < getattr(args, flag) <= 1:
+            bad(flag, getattr(args, flag), "a number in (0, 1]")
     for flag in ("basic_sds_chunk_size", "basic_query_chunk"):
         if getattr(args, flag) < 1:
             bad(flag, getattr(args, flag), "an integer >= 1")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from basic_plugin import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
+from basic_plugin.basic.guard import Guard
 from basic_plugin.basic.target import default_depth, depth_range, valid_depth
 from basic_plugin.basic.objective import BasicSettings, basic_terms
 
@@ -88,14 +89,24 @@ class BasicObjective:
 
     wants_hidden_states = True
 
-    def __init__(self, settings: BasicSettings):
+    def __init__(self, settings: BasicSettings, guard: Guard | None = None):
         self.settings = settings
+        self.guard = guard or Guard(mode="off")
 
     def terms(self, model, batch, outputs, image_positions):
         return basic_terms(model, self.settings, batch, outputs, image_positions)
+
+    def review(self, logged):
+        return self.guard.review(logged)
 
 
 @hookimpl
 def llava_objective(model, tokenizer, training_args, data_args):
     settings = settings_for(model, training_args)
-    return None if settings is None else BasicObjective(settings)
+    if settings is None:
+        return None
+    guard = Guard(mode=getattr(training_args, "basic_guard", "warn"),
+                  window=getattr(training_args, "basic_guard_window", 5),
+                  collapse=getattr(training_args, "basic_guard_collapse", 0.9),
+                  share=getattr(training_args, "basic_guard_share", 0.5))
+    return BasicObjective(settings, guard)

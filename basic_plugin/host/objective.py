@@ -35,6 +35,13 @@ class Objective(Protocol):
         """
 
 
+class Verdict(Protocol):
+    """An objective's judgement at a logging step, from its optional ``review(logged)`` method."""
+
+    message: str  # one line for the training log
+    stop: bool  # end the run (with a checkpoint) after this step
+
+
 class Accumulator:
     """Sums of named scalars over steps, kept on the device until a logging step.
 

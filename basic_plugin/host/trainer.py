@@ -119,6 +119,20 @@ def plugin_trainer_class(llava_trainer: type) -> type:
                     f"{self._skipped_in_a_row} consecutive steps had unusable plugin loss terms ({reason}) "
                     f"(limit --plugin_max_nonfinite_steps {limit})")
 
+        def _review(self, logs):
+            """Objectives with a ``review(logged)`` method judge each logging step (the same on every rank)."""
+            for objective in self.plugin_binding.objectives:
+                verdict = objective.review(dict(logs)) if hasattr(objective, "review") else None
+                if verdict is None:
+                    continue
+                if self.args.process_index == 0:
+                    print(f"[basic-llava] step {self.state.global_step}: {verdict.message}", flush=True)
+                logs["plugin_guard_warnings"] = logs.get("plugin_guard_warnings", 0) + 1
+                if verdict.stop and not self.plugin_stop_reason:
+                    self.plugin_stop_reason = verdict.message
+                    # the Trainer saves right after logging: checkpoint and stop at this very step
+                    self.control.should_save = self.control.should_training_stop = True
+
         def train(self, *args, **kwargs):
             result = super().train(*args, **kwargs)
             if self.plugin_stop_reason:
@@ -150,6 +164,7 @@ def plugin_trainer_class(llava_trainer: type) -> type:
                     logs["lm_loss_nonfinite_steps"] = self.lm_nonfinite_total
                 self._window_steps = self._window_lm_nonfinite = 0
                 logs.update(self.plugin_binding.accumulator.means(device=self.args.device))
+                self._review(logs)
                 if self.plugin_skipped_total:
                     logs["plugin_skipped_steps"] = self.plugin_skipped_total
             return super().log(logs, *args, **kwargs)

@@ -1,0 +1,58 @@
+"""BASIC's guard: one clear line (or a stop) when, over a window of logging steps, the image
+tokens collapse or BASIC's terms out-weigh the language-model loss.
+
+Thresholds (flags, docs/RESULTS.md says where they come from):
+- collapse: the mean pairwise cosine of the projector's image tokens (``basic_v_pairwise_cos``)
+  above ``--basic_guard_collapse`` (0.9; the demo's models sit near 0.5, baseline and BASIC);
+- dominance: BASIC's share of the loss (``basic_share``) above ``--basic_guard_share`` (0.5: the
+  terms weigh more than the caption loss they are meant to help).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+GUARD_CHOICES = ("warn", "stop", "off")
+
+
+@dataclass
+class Verdict:
+    """What the guard says at a logging step: the line to print, and whether to stop."""
+
+    message: str
+    stop: bool
+
+
+class Guard:
+    """Keeps the last ``window`` logged values and judges their means."""
+
+    def __init__(self, mode: str = "warn", window: int = 5, collapse: float = 0.9, share: float = 0.5):
+        self.mode, self.window, self.collapse, self.share = mode, window, collapse, share
+        self.history: deque = deque(maxlen=window)
+        self.quiet_until = 0  # logging steps: one line per window while a problem lasts
+        self.seen = 0
+
+    def review(self, logged: Mapping[str, float]) -> Optional[Verdict]:
+        if self.mode == "off" or "basic_share" not in logged:
+            return None
+        self.seen += 1
+        self.history.append((logged.get("basic_v_pairwise_cos", 0.0), logged["basic_share"]))
+        if len(self.history) < self.window or self.seen < self.quiet_until:
+            return None
+        cos = sum(h[0] for h in self.history) / len(self.history)
+        share = sum(h[1] for h in self.history) / len(self.history)
+        problems = []
+        if cos > self.collapse:
+            problems.append(f"image tokens collapse (mean pairwise cosine {cos:.3f} > --basic_guard_collapse "
+                            f"{self.collapse}; lower --basic_lambda_das or raise --basic_depth)")
+        if share > self.share:
+            problems.append(f"BASIC's terms out-weigh the caption loss (share {share:.2f} of the loss > "
+                            f"--basic_guard_share {self.share}; lower --basic_lambda_das / --basic_lambda_sds)")
+        if not problems:
+            return None
+        self.quiet_until = self.seen + self.window
+        what = "; ".join(problems)
+        return Verdict(f"BASIC guard, last {self.window} logging steps: {what} "
+                       f"(--basic_guard {self.mode}{'' if self.mode == 'stop' else '; stop to end the run'})",
+                       stop=self.mode == "stop")
