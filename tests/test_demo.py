@@ -235,6 +235,40 @@ def test_shared_prefix_scoring_equals_naive_scoring(tiny_llava):
     assert slow[0, 4].item() == pytest.approx(-loss.item() * len(cand[4]), rel=1e-4)
 
 
+def test_validation_split_is_held_out_and_balanced(synthetic_fmnist, tmp_path):
+    paths = demo_data.build_dataset(tmp_path / "data", train=10, test=10, val=20, size=56, seed=0,
+                                    fmnist_dir=synthetic_fmnist, progress=False)  # 3 train images per class
+    folder = Path(paths["image_folder"])
+    train, val = load_records(paths["train"], folder), load_records(paths["val"], folder)
+    test = load_records(paths["test"], folder)
+    assert len(val) == 20 and sorted(r["label"] for r in val) == sorted(list(range(10)) * 2)
+    assert not {r["image"] for r in val} & {r["image"] for r in train}  # never trained on
+    assert not {r["image"] for r in val} & {r["image"] for r in test}  # and not the test split
+    images, labels = demo_data.load_fmnist("train", synthetic_fmnist)
+    for r in val:
+        assert int(labels[int(r["id"].rsplit("-", 1)[1])]) == r["label"]
+
+
+def test_caption_prior_is_the_caption_likelihood_without_the_image(tiny_llava):
+    from llava.model import LlavaLlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    from basic_plugin.lab.demo.evaluate import caption_prior, confusion
+
+    tok = AutoTokenizer.from_pretrained(tiny_llava["lm"], use_fast=False)
+    model = LlavaLlamaForCausalLM.from_pretrained(tiny_llava["lm"]).eval()
+    prefix, cand = candidate_ids(tok, demo_data.class_captions())
+    with torch.no_grad():
+        prior = caption_prior(model, tok, prefix, cand)
+        for c in (0, 7):  # the model's own loss on "[BOS] caption\n", times the caption length
+            ids = torch.tensor([[prefix[0], *cand[c]]])
+            labels = ids.clone()
+            labels[0, 0] = -100
+            loss = model(input_ids=ids, labels=labels).loss
+            assert prior[c].item() == pytest.approx(-loss.item() * len(cand[c]), rel=1e-4)
+    assert confusion([0, 1, 1, 2], [0, 2, 1, 2], 3) == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+
+
 # -- the whole pipeline -------------------------------------------------------------------------------
 def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsys):
     from basic_plugin.lab import lens
@@ -247,6 +281,13 @@ def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     pooled = summary["aggregate"]["pooled"]
     assert pooled["n"] == 10 and 0 <= pooled["acc_a"] <= 1 and 0 <= pooled["acc_b"] <= 1
+    # calibrated accuracy: recomputed here from each arm's saved scores and no-image prior
+    for arm, key in (("baseline", "acc_a"), ("basic", "acc_b")):
+        ev = json.loads((Path(summary["runs"]["0"][arm]["dir"]) / "eval.json").read_text())
+        again = [max(range(10), key=lambda c: row[c] - ev["prior_scores"][c]) == y
+                 for row, y in zip(ev["scores"], ev["labels"])]
+        assert summary["aggregate"]["calibrated"][key] == pytest.approx(sum(again) / len(again))
+    assert 0 <= summary["aggregate"]["calibrated"]["acc_a"] <= 1 and "calibrated" in (out / "report.md").read_text()
     curves = summary["aggregate"]["lens"]
     assert len(curves["basic"]["mean_meaningful"]) == 5  # input + 4 tiny layers
     for name in ("report.md", "report.html", "losses.png", "lens.png"):

@@ -199,8 +199,10 @@ def packaged_photos() -> List[Tuple[str, Path, str]]:
 
 # -- building ---------------------------------------------------------------------------------
 def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, seed: int = 0,
-                  fmnist_dir=FMNIST_DIR, progress: bool = True) -> Dict[str, str]:
-    """Write the datasets (see module doc); return ``{"image_folder", "train", "test", "photos", "meta"}``."""
+                  fmnist_dir=FMNIST_DIR, progress: bool = True, val: int = 0) -> Dict[str, str]:
+    """Write the datasets (see module doc); return ``{"image_folder", "train", "test", "photos", "meta"}``
+    (and ``"val"``: ``val`` class-balanced images of the official train split that are not trained on,
+    for choosing settings without touching the test split)."""
     from tqdm.auto import tqdm
 
     from basic_plugin.host.records import load_records, write_records
@@ -209,15 +211,17 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
     image_folder = out / "images"
     paths = {"image_folder": str(image_folder), "train": str(out / "train.json"), "test": str(out / "test.json"),
              "photos": str(out / "photos.json"), "meta": str(out / "meta.json")}
+    if val:
+        paths["val"] = str(out / "val.json")
     wanted = {"format": 1, "train": train, "test": test, "size": size, "seed": seed,
               "fmnist_dir": str(fmnist_dir), "templates": list(TEMPLATES), "phrases": list(PHRASES),
-              "photos": [name for name, _, _ in packaged_photos()]}
+              "photos": [name for name, _, _ in packaged_photos()], **({"val": val} if val else {})}
     meta_path = out / "meta.json"
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("params") == wanted:
-                for key in ("train", "test", "photos"):  # still intact?
+                for key in ("train", "test", "photos", *(("val",) if val else ())):  # still intact?
                     load_records(paths[key], image_folder)
                 return paths
         except (ValueError, OSError):
@@ -227,11 +231,17 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
     test_images, test_labels = load_fmnist("test", fmnist_dir)
     train_idx = balanced_indices(train_labels, train, seed)
     test_idx = balanced_indices(test_labels, test, seed + 1)
+    val_idx = []
+    if val:
+        import numpy as np
+
+        rest = np.setdiff1d(np.arange(len(train_labels)), np.asarray(train_idx))
+        val_idx = [int(rest[i]) for i in balanced_indices(train_labels[rest], val, seed + 3)]
     photos = packaged_photos()
 
     for sub in ("train", "test", "photos"):
         (image_folder / sub).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(train_idx) + len(test_idx) + len(photos), desc="demo data", unit="img",
+    bar = tqdm(total=len(train_idx) + len(test_idx) + len(val_idx) + len(photos), desc="demo data", unit="img",
                disable=not progress)
     import numpy as np
 
@@ -253,6 +263,14 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
         test_records.append(make_record(f"fmnist-test-{idx:05d}", rel, caption(label), label=label,
                                         **{"class": CLASSES[label]}))
         bar.update()
+    val_records = []
+    for idx in val_idx:
+        label = int(train_labels[idx])
+        rel = f"train/fmnist_train_{idx:05d}.png"
+        to_rgb_png(train_images[idx], image_folder / rel, size)
+        val_records.append(make_record(f"fmnist-val-{idx:05d}", rel, caption(label), label=label,
+                                       **{"class": CLASSES[label]}))
+        bar.update()
     photo_records = []
     from PIL import Image
 
@@ -270,11 +288,14 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
 
     write_records(train_records, paths["train"], image_folder)
     write_records(test_records, paths["test"], image_folder)
+    if val_records:
+        write_records(val_records, paths["val"], image_folder)
     if photo_records:
         write_records(photo_records, paths["photos"], image_folder)
     else:  # cannot happen with matplotlib installed; keep the file valid JSON anyway
         Path(paths["photos"]).write_text("[]\n")
-    counts = {"train": len(train_records), "test": len(test_records), "photos": len(photo_records)}
+    counts = {"train": len(train_records), "test": len(test_records), "photos": len(photo_records),
+              "val": len(val_records)}
     meta = {"params": wanted, "counts": counts, "classes": list(CLASSES),
             "eval_template": EVAL_TEMPLATE, "eval_captions": class_captions(),
             "sources": {"fashion_mnist": str(fmnist_dir), "photos": {n: str(p) for n, p, _ in photos}}}

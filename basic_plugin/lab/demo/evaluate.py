@@ -9,6 +9,11 @@ candidates run as one batch on the cached keys/values (:func:`score_shared_prefi
 equal to scoring each candidate from scratch (:func:`score_naive`, tested to float tolerance).
 The same prefix pass gives the hidden states the lens needs (:class:`basic_plugin.lab.lens.LayerLens`).
 
+Calibrated (PMI) accuracy: each caption's score minus its log-likelihood without the image
+(``[BOS] caption \n``, :func:`caption_prior`), so that a model that simply likes some class
+names (every model here says "dress" or "shirt" far too often) is not rewarded for it; the
+raw score is reported too, with both confusion matrices.
+
 Statistics: Wilson 95% intervals for each accuracy, McNemar's exact test on the discordant
 pairs (the two models see the same images), and a paired bootstrap interval of the
 difference.
@@ -218,10 +223,33 @@ def greedy_caption(model, tokenizer, prefix_embeds, *, max_new_tokens: int = 16,
 
 
 # -- one trained model -----------------------------------------------------------------------
+def caption_prior(model, tokenizer, prefix_ids: Sequence[int], cand: Sequence[Sequence[int]]):
+    """Log-likelihood of each candidate caption without an image: ``[BOS] caption <sep>``, shape (C,)."""
+    import torch
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    text = [t for t in prefix_ids if t != IMAGE_TOKEN_INDEX]
+    if not text:
+        raise ValueError("the prefix has no text token to condition on (no BOS)")
+    embeds = model.get_model().embed_tokens(torch.tensor([text], dtype=torch.long, device=model.device))
+    scores, _ = score_shared_prefix(model, embeds, cand)
+    return scores[0]
+
+
+def confusion(labels: Sequence[int], preds: Sequence[int], classes: int) -> List[List[int]]:
+    """``m[true][predicted]`` counts."""
+    m = [[0] * classes for _ in range(classes)]
+    for y, p in zip(labels, preds):
+        m[int(y)][int(p)] += 1
+    return m
+
+
 def evaluate_model(run_dir, model_base, data: Dict[str, str], *, captions: Sequence[str], n_test: Optional[int] = None,
                    n_lens: int = 30, n_caption_test: int = 4, batch: int = 8, progress: bool = True,
-                   desc: str = "eval", on_progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Zero-shot accuracy on ``test.json``, lens on its first ``n_lens`` images, captions of the photos.
+                   desc: str = "eval", on_progress: Optional[Callable[[int], None]] = None,
+                   split: str = "test") -> dict:
+    """Zero-shot accuracy (raw and calibrated) on ``data[split]`` (``test`` or ``val``), lens on its first
+    ``n_lens`` images, captions of the photos.
 
     ``on_progress(k)`` (instead of a progress bar) is called with the number of images just done.
     Returns a JSON-able dict: per-item predictions and correctness, the lens summary, captions.
@@ -234,7 +262,7 @@ def evaluate_model(run_dir, model_base, data: Dict[str, str], *, captions: Seque
 
     tokenizer, model, processor = load_llava(run_dir, model_base)
     folder = Path(data["image_folder"])
-    records = load_records(data["test"], folder)
+    records = load_records(data[split], folder)
     if n_test is not None:
         records = records[:n_test]
     photos_path = Path(data["photos"])
@@ -252,6 +280,7 @@ def evaluate_model(run_dir, model_base, data: Dict[str, str], *, captions: Seque
 
     preds, labels, true_nll, all_scores = [], [], [], []
     with torch.no_grad():
+        prior = caption_prior(model, tokenizer, prefix_ids, cand)
         for start in range(0, len(records), batch):
             chunk = records[start:start + batch]
             pixels = pixel_batch([folder / r["image"] for r in chunk], processor, model.config)
@@ -281,7 +310,15 @@ def evaluate_model(run_dir, model_base, data: Dict[str, str], *, captions: Seque
             advance(len(chunk))
     bar.close()
     correct = [p == y for p, y in zip(preds, labels)]
-    return {"n": len(records), "accuracy": sum(correct) / max(1, len(correct)), "predictions": preds, "labels": labels,
+    prior_list = prior.tolist()
+    calibrated = [max(range(len(row)), key=lambda c: row[c] - prior_list[c]) for row in all_scores]
+    calibrated_correct = [p == y for p, y in zip(calibrated, labels)]
+    return {"n": len(records), "split": split, "accuracy": sum(correct) / max(1, len(correct)),
+            "calibrated_accuracy": sum(calibrated_correct) / max(1, len(calibrated_correct)),
+            "calibrated_predictions": calibrated, "calibrated_correct": calibrated_correct, "prior_scores": prior_list,
+            "confusion": confusion(labels, preds, len(cand)),
+            "calibrated_confusion": confusion(labels, calibrated, len(cand)),
+            "predictions": preds, "labels": labels,
             "correct": correct, "true_nll": true_nll, "scores": all_scores, "ids": [r["id"] for r in records], "lens": lens.summary() if lens.per_image else None,
             "captions": samples, "total_images": len(records) + len(chosen)}
 

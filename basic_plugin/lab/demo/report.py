@@ -86,6 +86,10 @@ def aggregate(runs: Dict[str, Dict[str, dict]]) -> dict:
         pooled_a += a
         pooled_b += b
     pooled = compare_paired(pooled_a, pooled_b) if len(runs) > 1 else next(iter(per_seed.values()))
+    calibrated = None
+    if all("calibrated_correct" in arms[arm]["eval"] for arms in runs.values() for arm in ("baseline", "basic")):
+        calibrated = compare_paired([x for arms in runs.values() for x in arms["baseline"]["eval"]["calibrated_correct"]],
+                                    [x for arms in runs.values() for x in arms["basic"]["eval"]["calibrated_correct"]])
     nll_a = [x for arms in runs.values() for x in arms["baseline"]["eval"].get("true_nll", [])]
     nll_b = [x for arms in runs.values() for x in arms["basic"]["eval"].get("true_nll", [])]
     nll = None
@@ -120,7 +124,7 @@ def aggregate(runs: Dict[str, Dict[str, dict]]) -> dict:
     seed_acc = {arm: [arms[arm]["eval"]["accuracy"] for arms in runs.values()] for arm in ("baseline", "basic")}
     seed_lens0 = {arm: [arms[arm]["eval"]["lens"]["mean_meaningful"][0] for arms in runs.values()
                         if arms[arm]["eval"].get("lens")] for arm in ("baseline", "basic")}
-    return {"per_seed": per_seed, "pooled": pooled, "heldout_nll": nll, "lens": lens, "final_lm_loss": final, "step_s": step_s,
+    return {"per_seed": per_seed, "pooled": pooled, "calibrated": calibrated, "heldout_nll": nll, "lens": lens, "final_lm_loss": final, "step_s": step_s,
             "seed_accuracies": seed_acc, "seed_lens_layer0": seed_lens0}
 
 
@@ -135,6 +139,10 @@ def terminal_table(agg: dict, cfg: dict) -> str:
     if seeds > 1:
         sa = agg["seed_accuracies"]
         lines.append(f"{'  per seed':<{w}} {' '.join(_pct(x) for x in sa['baseline']):>22} {' '.join(_pct(x) for x in sa['basic']):>22}")
+    cal = agg.get("calibrated")
+    if cal:
+        lines.append(f"{'  calibrated (minus no-image prior)':<{w}} {_pct(cal['acc_a']) + ' ' + _ci(cal['ci_a']):>22} "
+                     f"{_pct(cal['acc_b']) + ' ' + _ci(cal['ci_b']):>22}")
     nll = agg.get("heldout_nll")
     if nll:
         lines.append(f"{'held-out caption loss (nats/token)':<{w}} {nll['baseline']:>22.3f} {nll['basic']:>22.3f}")
@@ -252,7 +260,14 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
     if len(runs) > 1:
         md.append(f"| pooled | {p['n']} | {_pct(p['acc_a'])} {_ci(p['ci_a'])} | {_pct(p['acc_b'])} {_ci(p['ci_b'])} | "
                   f"{100 * p['diff']:+.1f} [{100 * p['diff_ci'][0]:+.1f}, {100 * p['diff_ci'][1]:+.1f}] | {p['mcnemar_p']:.3g} |")
-    md += ["", "Intervals: 95% Wilson for accuracies, 95% paired bootstrap for the difference; chance is 10%.", ""]
+    cal = agg.get("calibrated")
+    if cal:
+        md.append(f"| calibrated{' (pooled)' if len(runs) > 1 else ''} | {cal['n']} | {_pct(cal['acc_a'])} "
+                  f"{_ci(cal['ci_a'])} | {_pct(cal['acc_b'])} {_ci(cal['ci_b'])} | {100 * cal['diff']:+.1f} "
+                  f"[{100 * cal['diff_ci'][0]:+.1f}, {100 * cal['diff_ci'][1]:+.1f}] | {cal['mcnemar_p']:.3g} |")
+    md += ["", "Intervals: 95% Wilson for accuracies, 95% paired bootstrap for the difference; chance is 10%. "
+           "Calibrated: each caption's log-likelihood minus its log-likelihood without the image (PMI), so "
+           "a model's taste for some class names is not counted as recognising them.", ""]
     if lens:
         md += ["## Nearest vocabulary words of the image tokens, per layer", "",
                f"![lens]({Path(lens_png).name})", "",
