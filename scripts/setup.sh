@@ -19,7 +19,7 @@ $pip install -q "torch==$(grep '^torch==' constraints.txt | cut -d= -f3)"
 $pip install -q --no-deps "llava-torch==$(grep '^llava-torch==' constraints.txt | cut -d= -f3)"
 $pip install -q -c constraints.txt transformers tokenizers accelerate deepspeed peft pluggy \
   sentencepiece protobuf safetensors huggingface_hub numpy pillow einops matplotlib tqdm pytest \
-  gguf onnx ml_dtypes onnxruntime flatbuffers
+  gguf onnx ml_dtypes onnxruntime flatbuffers build pyproject_hooks packaging
 $pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
 echo "[setup] done: $($venv/bin/python -c 'import torch, transformers, deepspeed; print("torch", torch.__version__, "transformers", transformers.__version__, "deepspeed", deepspeed.__version__)')"
