@@ -40,7 +40,7 @@ FULL = {"steps": 300, "test": 6000, "seeds": 3}
 TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
 
 ARMS = ("baseline", "basic")
-EVAL_FORMAT = 1
+EVAL_FORMAT = 2  # 2: calibrated accuracy and confusion matrices
 
 
 def run_training(args: Sequence[str], out_dir: Path, steps: int, *, deepspeed: bool = True, desc: str = "train",
@@ -204,6 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from basic_plugin.lab.demo import data as demo_data
     from basic_plugin.lab.demo.report import write_report
+    from basic_plugin.lab.provenance import code_version
 
     # 1. assets
     print(f"[demo] 1/5 assets ({'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct + DINOv2-small 112 px'})",
@@ -272,7 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_dir, targs, stamp = jobs[arm]
             result = run_training(targs, run_dir, cfg["steps"], deepspeed=not args.no_deepspeed,
                                   desc=f"train {arm:<8} s{seed}", progress=progress, threads=threads, position=position)
-            (run_dir / "demo_result.json").write_text(json.dumps(result))
+            (run_dir / "demo_result.json").write_text(json.dumps({**result, "code": code_version()}))
             stamp.write_text(json.dumps(targs))
             return result
 

@@ -1,0 +1,74 @@
+"""basic-llava sweep on the tiny model: validation selection, one test pass, resumable."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from basic_plugin.lab.demo import data as demo_data
+from tests.helpers import REPO_ROOT, training_env
+from tests.test_demo import write_idx
+
+
+def test_selection_uses_the_calibrated_validation_mean():
+    from basic_plugin.lab.sweep import select
+
+    val = {"monitor": {"calibrated_accuracy": 0.30, "accuracy": 0.50},
+           "paper": {"calibrated_accuracy": 0.25, "accuracy": 0.60},
+           "das_0.1": {"calibrated_accuracy": 0.32, "accuracy": 0.20}}
+    assert select(val) == "das_0.1"  # not the raw-accuracy winner
+    val["paper"]["calibrated_accuracy"] = 0.32
+    assert select(val) == "paper"  # a tie goes to the earlier-listed configuration
+
+
+@pytest.fixture
+def fmnist(tmp_path):
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 3), ("test", 2)):
+        labels = np.repeat(np.arange(10), per)
+        rng.shuffle(labels)
+        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y:2 * y + 6, 4:24] = 220
+        img_name, lab_name = demo_data.FMNIST_FILES[split]
+        write_idx(tmp_path / img_name, images)
+        write_idx(tmp_path / lab_name, labels)
+    return tmp_path
+
+
+def test_tiny_sweep_selects_on_validation_tests_once_and_resumes(fmnist, tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "basic_plugin.cli", "sweep", "--tiny", "--quiet", "--configs", "monitor,das_0.1",
+           "--seeds", "1", "--final-test", "--fmnist-dir", str(fmnist), "--out", str(out)]
+    first = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "sweep.json").read_text())
+    assert set(report["validation"]) == {"monitor", "das_0.1"} and report["chosen"] in report["validation"]
+    assert report["flags"]["das_0.1"] == ["--basic_lambda_das", "0.1"]
+    for name in ("monitor", "das_0.1"):
+        ev = json.loads((out / name / "seed0" / "eval_val.json").read_text())
+        assert ev["split"] == "val" and ev["n"] == 10
+        assert report["validation"][name]["calibrated_accuracy"] == pytest.approx(ev["calibrated_accuracy"])
+        assert json.loads((out / name / "seed0" / "eval_test.json").read_text())["split"] == "test"
+    assert "vs_reference" in report["test"]["das_0.1"] and (out / "sweep.png").is_file()
+    assert "(chosen)" in (out / "sweep.md").read_text()
+    before = (out / "monitor" / "seed0" / "mm_projector.bin").stat().st_mtime_ns
+    again = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and (out / "monitor" / "seed0" / "mm_projector.bin").stat().st_mtime_ns == before
+
+
+def test_unknown_config_is_refused():
+    res = subprocess.run([sys.executable, "-m", "basic_plugin.cli", "sweep", "--configs", "paper,nope"],
+                         cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.startswith("error: --configs: unknown nope")
+
+
+def test_code_version_names_the_commit_and_the_uncommitted_changes(tmp_path, monkeypatch):
+    from basic_plugin.lab import provenance
+
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True).stdout.strip()
+    version = provenance.code_version()
+    assert version["commit"] == head
+    diff = subprocess.run(["git", "diff", "HEAD"], cwd=REPO_ROOT, capture_output=True).stdout
+    assert (version["dirty"] is None) == (not diff)
