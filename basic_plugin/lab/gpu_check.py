@@ -58,19 +58,20 @@ import sys
 import tempfile
 import time
 import types
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from basic_plugin.host.objective import bind, binding_of
-from basic_plugin.lab.bench.flops import (CLIP_L_336, FINETUNE_TEXT, PRETRAIN_TEXT, VICUNA_7B, LLMShape, TowerShape,
-                                          Workload, flop_share, llm_shape_of, tower_shape_of)
-from basic_plugin.lab.bench.machine import GB, machine_info, sync
+from basic_plugin.lab.bench.flops import (CLIP_L_336, FINETUNE_TEXT, PRETRAIN_TEXT, VICUNA_7B, LLMShape, Workload,
+                                          flop_share, llm_shape_of, tower_shape_of)
+from basic_plugin.lab.bench.machine import machine_info, sync
 from basic_plugin.lab.bench.step import make_step_batch, prepare_stage
 
 __all__ = ["CheckShape", "FULL", "TINY", "THRESHOLDS", "build_llava", "measure_stage", "check_patch_weights",
-           "flash_attention_status", "run_check", "main", "SUMMARY_FIELDS", "RUN_FIELDS", "PATCH_FIELDS"]
+           "flash_attention_status", "reference_attention_mass", "run_check", "main", "SUMMARY_FIELDS", "RUN_FIELDS",
+           "PATCH_FIELDS"]
 
 #: PASS/MISS thresholds (documented in the module docstring and docs/PERFORMANCE.md).
 THRESHOLDS = {
