@@ -295,7 +295,9 @@ def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsy
     basic_log = json.loads((out / "seed0" / "basic" / "trainer_state.json").read_text())["log_history"]
     assert [e["step"] for e in basic_log if "basic_das" in e] == [1, 2]
     base_log = json.loads((out / "seed0" / "baseline" / "trainer_state.json").read_text())["log_history"]
-    assert not [e for e in base_log if "basic_das" in e]
+    # the baseline monitors: BASIC's terms are 0 (no effect on training) and its health curves are logged
+    assert [e["basic_das"] for e in base_log if "basic_das" in e] == [0.0, 0.0]
+    assert all("basic_v_pairwise_cos" in e for e in base_log if "loss" in e) and (out / "health.png").is_file()
     assert "deepspeed.launcher.runner" in (out / "seed0" / "basic" / "command.txt").read_text()
     evals = json.loads((out / "seed0" / "basic" / "eval.json").read_text())
     assert len(evals["predictions"]) == 10 and evals["captions"]

@@ -34,6 +34,46 @@ def _smooth(ys: Sequence[float], k: int = 5) -> List[float]:
     return out
 
 
+HEALTH = (("basic_v_pairwise_cos", "basic_vhat_pairwise_cos", "pairwise cosine of an image's tokens\n(solid: projector v, dashed: target vhat)"),
+          ("basic_weighted_cos", None, "a_i-weighted cos(v, vhat)"),
+          ("basic_v_norm", "basic_vhat_norm", "mean token norm (solid: v, dashed: vhat)"),
+          ("basic_share", None, "BASIC's share of the loss"))
+
+
+def plot_health(runs: Dict[str, Dict[str, dict]], path: Path) -> Optional[Path]:
+    """BASIC's health metrics per step for both arms (the baseline logs them as a monitor-only run)."""
+    if not any(_series(run["log_history"], "basic_v_pairwise_cos")[0] for arms in runs.values() for run in arms.values()):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), dpi=90)
+    colors = {"baseline": "tab:blue", "basic": "tab:orange"}
+    for seed, arms in runs.items():
+        for arm, run in arms.items():
+            label = f"{LABELS[arm]}" + (f" s{seed}" if len(runs) > 1 else "")
+            for ax, (key, dashed, title) in zip(axes, HEALTH):
+                xs, ys = _series(run["log_history"], key)
+                if xs:
+                    ax.plot(xs, _smooth(ys), color=colors[arm], linewidth=1.6, label=label)
+                if dashed:
+                    xs2, ys2 = _series(run["log_history"], dashed)
+                    if xs2:
+                        ax.plot(xs2, _smooth(ys2), color=colors[arm], linewidth=1.2, linestyle="--")
+                ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(runs: Dict[str, Dict[str, dict]], path: Path) -> Path:
     """lm loss of both arms (thin: raw, thick: 5-step mean), and BASIC's two terms (as added to the loss)."""
     import matplotlib
@@ -219,6 +259,7 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
     out = Path(out)
     agg = aggregate(runs)
     losses_png = plot_losses(runs, out / "losses.png")
+    health_png = plot_health(runs, out / "health.png")
     lens_png = None
     if agg["lens"]:
         layers = len(agg["lens"]["basic"]["mean_meaningful"]) - 1
@@ -276,7 +317,13 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
                "meaningful word (alphabetic, >= 3 letters, not a stop word / special / byte piece; see "
                "`basic_plugin/lab/lens.py`). Layer 0 is the projector output; the last layer is after the final norm.", "",
                layer_table_md(lens), "", top_tokens_md(lens, show), ""]
-    md += ["## Training losses", "", f"![losses]({losses_png.name})", "",
+    md += ["## Training losses", "", f"![losses]({losses_png.name})", ""]
+    if health_png:
+        md += ["## BASIC's health metrics", "", f"![health]({health_png.name})", "",
+               "Per logging step, 5-step mean. The baseline arm runs BASIC with both lambdas at 0: it trains "
+               "exactly as LLaVA does and logs the same curves. A pairwise cosine near 1 is a collapse of an "
+               "image's tokens onto one direction; the share is BASIC's part of the loss.", ""]
+    md += [
            "## Greedy captions (seed 0)", "", captions_md(runs), "",
            "## Timings (seconds)", "", "| phase | s |", "|---|---:|"]
     md += [f"| {k} | {v:.0f} |" for k, v in timings.items()]
@@ -287,6 +334,8 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
     if lens_png:
         body.append(f'<h2>Nearest vocabulary words per layer</h2><img src="{Path(lens_png).name}">')
     body.append(f'<h2>Training losses</h2><img src="{losses_png.name}">')
+    if health_png:
+        body.append(f'<h2>BASIC health metrics</h2><img src="{health_png.name}">')
     first = next(iter(runs.values()))
     rows = "".join(
         f"<tr><td><img src=\"data/images/{html.escape(a['image'])}\" width=96><br>{html.escape(a['id'])}</td>"

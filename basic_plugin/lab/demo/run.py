@@ -40,6 +40,8 @@ FULL = {"steps": 300, "test": 6000, "seeds": 3}
 TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
 
 ARMS = ("baseline", "basic")
+#: the baseline arm: BASIC on with both lambdas 0 (no effect on training, same curves logged)
+MONITOR_FLAGS = ("--basic_lambda_das", "0", "--basic_lambda_sds", "0")
 EVAL_FORMAT = 2  # 2: calibrated accuracy and confusion matrices
 
 
@@ -91,6 +93,8 @@ def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, ar
              "--learning_rate", str(lr), "--model_max_length", "128"]
     if arm == "basic":
         extra += ["--basic", "True", *basic_flags]
+    else:  # BASIC monitoring only: trains exactly as LLaVA does (bit for bit) and logs BASIC's health curves
+        extra += ["--basic", "True", *MONITOR_FLAGS]
     return cpu_args(model=paths["lm"], vision_tower=paths["vision"], data_path=data["train"],
                     image_folder=data["image_folder"], output_dir=out_dir, stage="pretrain", max_steps=steps,
                     batch=batch, deepspeed="zero2" if deepspeed else None, gradient_checkpointing=False, extra=extra)
