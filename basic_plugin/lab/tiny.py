@@ -286,17 +286,6 @@ def write_tiny_dataset(root: PathLike, *, n: int = 16, template: str = "plain", 
     return json_path, image_folder
 
 
-_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-
-
-def deepspeed_config_path(name: str) -> Path:
-    """Path of a shipped DeepSpeed config: ``"zero2"`` or ``"zero3"``."""
-    path = _CONFIG_DIR / f"{name}.json"
-    if not path.is_file():
-        raise FileNotFoundError(path)
-    return path
-
-
 def tiny_train_args(paths: Dict[str, PathLike], data_json: PathLike, image_folder: PathLike,
                     output_dir: PathLike, *, stage: str = "pretrain", max_steps: int = 4,
                     batch: int = 2, lora: bool = False,
