@@ -59,3 +59,36 @@ def collate_right_padded(samples):
         ids[b, :len(s)] = torch.tensor(s)
         mask[b, :len(s)] = True
     return ids, mask
+
+
+def write_idx(path, array, gz: bool = True) -> None:
+    """An idx file written by hand: 0, 0, type 0x08 (ubyte), rank, big-endian dims, data."""
+    import gzip
+    import struct
+
+    import numpy as np
+
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    payload = header + array.astype(np.uint8).tobytes()
+    with (gzip.open if gz else open)(path, "wb") as f:
+        f.write(payload)
+
+
+def write_synthetic_fmnist(folder):
+    """A Fashion-MNIST-shaped folder: 3 train and 2 test images per class, each class a distinct pattern."""
+    import numpy as np
+
+    from basic_plugin.lab.demo import data as demo_data
+
+    folder = Path(folder)
+    rng = np.random.default_rng(0)
+    for split, per in (("train", 3), ("test", 2)):
+        labels = np.repeat(np.arange(10), per)
+        rng.shuffle(labels)
+        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
+        for i, y in enumerate(labels):
+            images[i, 2 * y:2 * y + 6, 4:24] = 200 + rng.integers(0, 55)
+        img_name, lab_name = demo_data.FMNIST_FILES[split]
+        write_idx(folder / img_name, images)
+        write_idx(folder / lab_name, labels)
+    return folder

@@ -1,10 +1,8 @@
 """The demo's pieces, each against an independent check, and a smoke run of the whole pipeline (tiny model)."""
 from __future__ import annotations
 
-import gzip
 import json
 import math
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -16,31 +14,14 @@ from basic_plugin.lab.demo.evaluate import (candidate_ids, compare_paired, mcnem
                                         score_naive, score_shared_prefix, wilson_interval)
 from basic_plugin.lab.lens import LayerLens, is_meaningful_word, meaningful_token_mask, nearest_tokens, normalized_vocabulary, token_text
 from basic_plugin.host.records import RecordError, load_records, validate_record
+from tests.helpers import write_idx, write_synthetic_fmnist
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
-    """An idx file written by hand: 0, 0, type 0x08 (ubyte), rank, big-endian dims, data."""
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
-    payload = header + array.astype(np.uint8).tobytes()
-    (gzip.open if gz else open)(path, "wb").write(payload)
-
-
 @pytest.fixture(scope="module")
 def synthetic_fmnist(tmp_path_factory):
     """A Fashion-MNIST-shaped folder: 3 train and 2 test images per class, each class a distinct pattern."""
-    folder = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 3), ("test", 2)):
-        labels = np.repeat(np.arange(10), per)
-        rng.shuffle(labels)
-        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            images[i, 2 * y:2 * y + 6, 4:24] = 200 + rng.integers(0, 55)
-        img_name, lab_name = demo_data.FMNIST_FILES[split]
-        write_idx(folder / img_name, images)
-        write_idx(folder / lab_name, labels)
-    return folder
+    return write_synthetic_fmnist(tmp_path_factory.mktemp("fmnist"))
 
 
 # -- captions, records, data --------------------------------------------------------------------

@@ -3,12 +3,9 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from basic_plugin.lab.demo import data as demo_data
-from tests.helpers import REPO_ROOT, training_env
-from tests.test_demo import write_idx
+from tests.helpers import REPO_ROOT, training_env, write_synthetic_fmnist
 
 
 def test_selection_uses_the_calibrated_validation_mean():
@@ -24,17 +21,7 @@ def test_selection_uses_the_calibrated_validation_mean():
 
 @pytest.fixture
 def fmnist(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, per in (("train", 3), ("test", 2)):
-        labels = np.repeat(np.arange(10), per)
-        rng.shuffle(labels)
-        images = np.zeros((len(labels), 28, 28), dtype=np.uint8)
-        for i, y in enumerate(labels):
-            images[i, 2 * y:2 * y + 6, 4:24] = 220
-        img_name, lab_name = demo_data.FMNIST_FILES[split]
-        write_idx(tmp_path / img_name, images)
-        write_idx(tmp_path / lab_name, labels)
-    return tmp_path
+    return write_synthetic_fmnist(tmp_path)
 
 
 def test_tiny_sweep_selects_on_validation_tests_once_and_resumes(fmnist, tmp_path):

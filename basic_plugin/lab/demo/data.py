@@ -255,22 +255,20 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
         prompt = PROMPTS[int(rng.integers(len(PROMPTS)))]
         train_records.append(make_record(f"fmnist-train-{idx:05d}", rel, caption(label, template), prompt))
         bar.update()
-    test_records = []
-    for idx in test_idx:
-        label = int(test_labels[idx])
-        rel = f"test/fmnist_test_{idx:05d}.png"
-        to_rgb_png(test_images[idx], image_folder / rel, size)
-        test_records.append(make_record(f"fmnist-test-{idx:05d}", rel, caption(label), label=label,
-                                        **{"class": CLASSES[label]}))
-        bar.update()
-    val_records = []
-    for idx in val_idx:
-        label = int(train_labels[idx])
-        rel = f"train/fmnist_train_{idx:05d}.png"
-        to_rgb_png(train_images[idx], image_folder / rel, size)
-        val_records.append(make_record(f"fmnist-val-{idx:05d}", rel, caption(label), label=label,
+    def evaluation_records(split, images, labels, indices, name):
+        """Records with the evaluation caption and the label (the zero-shot test and validation sets)."""
+        records = []
+        for idx in indices:
+            label = int(labels[idx])
+            rel = f"{split}/fmnist_{split}_{idx:05d}.png"
+            to_rgb_png(images[idx], image_folder / rel, size)
+            records.append(make_record(f"fmnist-{name}-{idx:05d}", rel, caption(label), label=label,
                                        **{"class": CLASSES[label]}))
-        bar.update()
+            bar.update()
+        return records
+
+    test_records = evaluation_records("test", test_images, test_labels, test_idx, "test")
+    val_records = evaluation_records("train", train_images, train_labels, val_idx, "val")
     photo_records = []
     from PIL import Image
 
