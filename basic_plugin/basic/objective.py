@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from basic_plugin.basic.health import health_metrics
 from basic_plugin.basic.target import target_layers
 from basic_plugin.basic.losses import direction_loss, distribution_loss, refined_target
 from basic_plugin.basic.patch_weights import image_attention_mass
@@ -109,4 +110,6 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
             "basic_image_samples": samples if positions.num_rows else samples.new_zeros(()),
         }
     losses = {"basic_das": settings.lambda_das * das, "basic_sds": settings.lambda_sds * sds}
+    metrics.update(health_metrics(student, target, weights, positions.image_index, batch.image_features.shape[0],
+                                  outputs.loss, losses["basic_das"], losses["basic_sds"]))
     return losses, metrics
