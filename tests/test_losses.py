@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from basic_plugin.basic.losses import direction_loss, distribution_loss, refined_target
+from basic_plugin.basic.losses import basic_terms_fused, direction_loss, distribution_loss, refined_target
 
 
 
@@ -44,12 +44,18 @@ def ref_refined(states):
     return out
 
 
-def ref_direction(s, t, w):
+def ref_direction(s, t, w, eps=None):
+    """Row by row; ``eps`` floors the norms as ``F.normalize`` does (None: plain division)."""
     s, t, w = s.double(), t.double(), w.double()
     total = 0.0 * s.sum()  # an empty sum that stays differentiable (for N == 0)
+
+    def norm(x):  # max(|x|, eps) = sqrt(max(|x|^2, eps^2)): finite derivative at x = 0
+        sq = (x * x).sum()
+        return torch.sqrt(sq if eps is None else torch.clamp(sq, min=eps * eps))
+
     for i in range(s.shape[0]):
-        a = s[i] / torch.sqrt((s[i] * s[i]).sum())
-        b = t[i] / torch.sqrt((t[i] * t[i]).sum())
+        a = s[i] / norm(s[i])
+        b = t[i] / norm(t[i])
         total = total + w[i] * ((a - b) ** 2).sum()
     return total
 
@@ -416,8 +422,9 @@ class _Recorder(TorchDispatchMode):
 def test_chunked_path_never_materialises_full_logits(chunk, reverse, dtype):
     n, d, v = 64, 8, 50  # N*V = 3200 dwarfs chunk*V (<= 250), V*d (400) and N*d (512)
     s, t, E, w = make_inputs(n, d, v, dtype)
-    # Tensors of input size (student/grad: N*d; vocab/its fp32 copy/grad: V*d) are allowed.
-    bound = max(chunk * v, v * d, n * d)
+    # Tensors of input size (student/grad: N*d; vocab/its fp32 copy/grad: V*d) are allowed,
+    # and the logits of one chunk of student and target rows (2 chunk x V).
+    bound = max(2 * chunk * v, v * d, n * d)
     assert n * v > bound
 
     def run(chunk_size):
@@ -434,8 +441,9 @@ def test_chunked_path_never_materialises_full_logits(chunk, reverse, dtype):
     assert fwd.max_numel <= bound, (fwd.max_numel, bound)
     assert bwd.max_numel <= bound, (bwd.max_numel, bound)
     n_chunks = math.ceil(n / chunk)
-    # gradients are computed in the forward: 4 matmuls per chunk, none in the backward
-    assert fwd.mm_calls == 4 * n_chunks
+    # gradients are computed in the forward: 3 matmuls per chunk ([s; t] E^T, dz E, dz^T s),
+    # none in the backward
+    assert fwd.mm_calls == 3 * n_chunks
     assert bwd.mm_calls == 0
 
     fwd_ref, bwd_ref = run(None)  # the unchunked reference does hold N x V logits
@@ -447,12 +455,12 @@ def test_chunked_path_skips_gradient_work_when_not_needed():
     n, d, v, chunk = 13, 5, 11, 3
     s, t, E, w = make_inputs(n, d, v)
     n_chunks = math.ceil(n / chunk)
-    for s_grad, e_grad, grad_mode, expected in [
-        (True, True, True, 4),
-        (True, False, True, 3),
-        (False, True, True, 3),
-        (True, True, False, 2),
-        (False, False, True, 2),
+    for s_grad, e_grad, grad_mode, expected in [  # [s; t] E^T is one matmul
+        (True, True, True, 3),
+        (True, False, True, 2),
+        (False, True, True, 2),
+        (True, True, False, 1),
+        (False, False, True, 1),
     ]:
         rec = _Recorder()
         s_ = s.clone().requires_grad_(s_grad)
@@ -477,3 +485,226 @@ def test_direction_loss_over_several_chunks_leaves_inputs_untouched(monkeypatch)
     ref.backward()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------
+# basic_terms_fused: both terms, one student gradient buffer
+# --------------------------------------------------------------------------------------
+
+
+def _fused_grads(s, t, E, w, lam_das, lam_sds, *, vocab_grad=True, scale=0.37, **kw):
+    """Fused terms and the gradients of ``scale * (das + sds)`` (a non-unit incoming gradient)."""
+    s = s.clone().requires_grad_()
+    E = E.clone().requires_grad_(vocab_grad)
+    t = t.clone().requires_grad_()
+    w = w.clone().requires_grad_()
+    das, sds = basic_terms_fused(s, t, E, w, lam_das, lam_sds, **kw)
+    ((das + sds) * scale).backward()
+    assert t.grad is None and w.grad is None
+    return das.detach(), sds.detach(), s.grad, E.grad
+
+
+def _reference_grads(s, t, E, w, lam_das, lam_sds, T, reverse, vocab_grad, scale=0.37, eps=1e-6):
+    """float64 autograd through the plain row formulas (``ref_direction`` / ``ref_distribution``)."""
+    s64 = s.double().requires_grad_()
+    E64 = E.double().requires_grad_(vocab_grad)
+    das = lam_das * ref_direction(s64, t.double(), w.double(), eps=eps)
+    sds = lam_sds * ref_distribution(s64, t, E64, w, T, reverse)
+    ((das + sds) * scale).backward()
+    return das.detach(), sds.detach(), s64.grad, E64.grad
+
+
+@pytest.mark.parametrize("weights", ["random", "zero"])
+@pytest.mark.parametrize("vocab_grad", [True, False])
+@pytest.mark.parametrize("reverse,T", [(False, 1.0), (True, 1.7), (False, 0.6)])
+@pytest.mark.parametrize("n,v,chunk", [(0, 11, 3), (1, 11, 1), (7, 37, 3), (13, 11, 5), (13, 37, 13)])
+def test_fused_terms_and_gradients_match_float64_formulas(n, v, chunk, reverse, T, vocab_grad, weights):
+    d = 5
+    s, t, E, w = make_inputs(n, d, v, torch.float64)
+    if weights == "zero":
+        w = torch.zeros_like(w)
+    lam_das, lam_sds = 0.8, 0.3
+    das, sds, gs, ge = _fused_grads(s, t, E, w, lam_das, lam_sds, temperature=T, reverse=reverse,
+                                    chunk_size=chunk, vocab_grad=vocab_grad)
+    rd, rs, rgs, rge = _reference_grads(s, t, E, w, lam_das, lam_sds, T, reverse, vocab_grad)
+    assert das.dtype == sds.dtype == torch.float64
+    torch.testing.assert_close(das, rd, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sds, rs, rtol=1e-10, atol=1e-12)
+    assert gs.shape == (n, d)
+    torch.testing.assert_close(gs, rgs, rtol=1e-9, atol=1e-12)
+    if vocab_grad:
+        torch.testing.assert_close(ge, rge, rtol=1e-9, atol=1e-12)
+    else:
+        assert ge is None
+    if weights == "zero":
+        assert das.item() == 0.0 and sds.item() == 0.0 and torch.count_nonzero(gs) == 0
+
+
+@pytest.mark.parametrize("lam_das,lam_sds", [(1.0, 0.0), (0.0, 0.5), (0.0, 0.0), (2.5, 0.01)])
+def test_fused_lambdas_weight_each_term(lam_das, lam_sds):
+    s, t, E, w = make_inputs(7, 5, 11, torch.float64)
+    das, sds, gs, ge = _fused_grads(s, t, E, w, lam_das, lam_sds, temperature=1.3, chunk_size=2)
+    rd, rs, rgs, rge = _reference_grads(s, t, E, w, lam_das, lam_sds, 1.3, False, True)
+    torch.testing.assert_close(das, rd, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sds, rs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, rgs, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(ge, rge, rtol=1e-9, atol=1e-12)
+
+
+def test_fused_zero_student_rows_follow_the_eps_floor():
+    s, t, E, w = make_inputs(6, 5, 11, torch.float64)
+    s[2] = 0.0
+    s[4] = 1e-9  # below eps: floored too
+    t[3] = 0.0
+    das, sds, gs, ge = _fused_grads(s, t, E, w, 1.0, 0.2, chunk_size=4)
+    rd, rs, rgs, rge = _reference_grads(s, t, E, w, 1.0, 0.2, 1.0, False, True)
+    assert torch.isfinite(gs).all()
+    torch.testing.assert_close(das, rd, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, rgs, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ge, rge, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("n,chunk", [(13, 3), (13, 256), (40, 7)])
+def test_fused_equals_the_separate_functions(n, chunk, reverse, dtype):
+    """Logged values as ``lambda * direction_loss`` / ``lambda * distribution_loss``; gradients as
+    autograd summing the two functions' gradients."""
+    s, t, E, w = make_inputs(n, 16, 37, dtype)
+    kw = dict(temperature=1.4, reverse=reverse, chunk_size=chunk)
+    das, sds, gs, ge = _fused_grads(s, t, E, w, 1.0, 0.01, **kw)
+    s2, E2 = s.clone().requires_grad_(), E.clone().requires_grad_()
+    d2 = 1.0 * direction_loss(s2, t, w)
+    q2 = 0.01 * distribution_loss(s2, t, E2, w, **kw)
+    ((d2 + q2) * 0.37).backward()
+    torch.testing.assert_close(das, d2.detach(), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(sds, q2.detach(), rtol=1e-6, atol=1e-9)
+    assert gs.dtype == dtype and ge.dtype == dtype
+    torch.testing.assert_close(gs, s2.grad, **tols(dtype))
+    torch.testing.assert_close(ge, E2.grad, **tols(dtype))
+
+
+def test_fused_without_chunks_is_the_autograd_reference():
+    s, t, E, w = make_inputs(7, 5, 11, torch.float64)
+    das, sds, gs, ge = _fused_grads(s, t, E, w, 0.9, 0.4, temperature=0.8, chunk_size=None)
+    rd, rs, rgs, rge = _reference_grads(s, t, E, w, 0.9, 0.4, 0.8, False, True)
+    torch.testing.assert_close(das, rd)
+    torch.testing.assert_close(sds, rs)
+    torch.testing.assert_close(gs, rgs)
+    torch.testing.assert_close(ge, rge)
+
+
+def test_fused_terms_must_enter_the_loss_as_a_sum():
+    s, t, E, w = make_inputs(7, 5, 11)
+    s.requires_grad_()
+    das, sds = basic_terms_fused(s, t, E, w, 1.0, 0.5, chunk_size=3)
+    with pytest.raises(RuntimeError, match="different weights"):
+        (das + 2.0 * sds).backward()
+    # one lambda zero: the buffer holds one term, which can be used alone
+    s.grad = None
+    das, _ = basic_terms_fused(s, t, E, w, 1.0, 0.0, chunk_size=3)
+    das.backward()
+    s64 = s.detach().double().requires_grad_()
+    ref_direction(s64, t, w, eps=1e-6).backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_backward_runs_once_and_says_so():
+    s, t, E, w = make_inputs(5, 4, 7)
+    s.requires_grad_()
+    das, sds = basic_terms_fused(s, t, E, w, chunk_size=2)
+    (das + sds).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        (das + sds).backward()
+
+
+@pytest.mark.parametrize("vocab_grad", [False, True])
+def test_fused_empty_is_connected_zero(vocab_grad):
+    s = torch.randn(0, 8, requires_grad=True)
+    E = torch.randn(11, 8, requires_grad=vocab_grad)
+    das, sds = basic_terms_fused(s, torch.randn(0, 8), E, torch.ones(0), 1.0, 0.01, chunk_size=4)
+    assert das.item() == 0.0 and sds.item() == 0.0 and das.requires_grad and sds.requires_grad
+    (das + sds).backward()
+    assert s.grad is not None and s.grad.shape == (0, 8)
+    if vocab_grad:
+        assert E.grad is not None and torch.count_nonzero(E.grad) == 0
+    else:
+        assert E.grad is None
+
+
+def test_fused_no_grad_and_validation():
+    s, t, E, w = make_inputs(7, 5, 11)
+    s.requires_grad_()
+    with torch.no_grad():
+        das, sds = basic_terms_fused(s, t, E, w, 1.0, 0.01, chunk_size=3)
+    assert not das.requires_grad and not sds.requires_grad
+    for kw in [dict(lambda_das=float("nan")), dict(lambda_sds=True), dict(lambda_sds="0.1"),
+               dict(temperature=0.0), dict(chunk_size=0), dict(chunk_size=2.5)]:
+        with pytest.raises(ValueError):
+            basic_terms_fused(s, t, E, w, **kw)
+    with pytest.raises(ValueError):
+        basic_terms_fused(s, t, torch.zeros(11, 6), w)
+    with pytest.raises(ValueError):
+        basic_terms_fused(s, t, E, torch.ones(3))
+
+
+class _AllocRecorder(TorchDispatchMode):
+    """Shapes of the tensors ops produce on new storage (not views or in-place results), and matmuls."""
+
+    def __init__(self):
+        super().__init__()
+        self.new_shapes = []
+        self.mm_calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in _MM_OPS:
+            self.mm_calls += 1
+        inputs = {a.untyped_storage()._cdata for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(a, torch.Tensor)}
+        for o in torch.utils._pytree.tree_leaves(out):
+            if isinstance(o, torch.Tensor) and o.untyped_storage()._cdata not in inputs:
+                self.new_shapes.append(tuple(o.shape))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fused", [True, False])
+def test_one_student_sized_buffer_in_the_fused_path_only(fused, dtype):
+    """The fused path allocates exactly one N x d tensor (the gradient it returns); the two
+    separate functions need three (one gradient each, and autograd's sum of the two)."""
+    n, d, v, chunk = 60, 9, 23, 4  # N x d is a shape nothing else has
+    s, t, E, w = make_inputs(n, d, v, dtype)
+    s.requires_grad_()
+    E.requires_grad_()
+    rec = _AllocRecorder()
+    with rec:
+        if fused:
+            das, sds = basic_terms_fused(s, t, E, w, 1.0, 0.01, chunk_size=chunk)
+            (das + sds).backward()
+        else:
+            (direction_loss(s, t, w) + 0.01 * distribution_loss(s, t, E, w, chunk_size=chunk)).backward()
+    student_sized = rec.new_shapes.count((n, d))
+    if fused:
+        assert student_sized == 1
+        assert rec.mm_calls == 3 * math.ceil(n / chunk)  # [s; t] E^T, dz E, dz^T s per chunk
+        assert max(a * b for a, b in (x for x in rec.new_shapes if len(x) == 2)) <= max(2 * chunk * v, v * d, n * d)
+    else:
+        assert student_sized >= 3
+
+
+def test_fused_keeps_no_input_alive_until_backward():
+    """Nothing batch-sized is saved for the backward: a student / target that only the loss
+    uses are freed as soon as the caller drops them."""
+    import weakref
+
+    base, t0, E, w = make_inputs(9, 5, 11)
+    base.requires_grad_()
+    student = base.clone()  # a non-leaf, as the gathered projector rows in training
+    target = t0.clone()
+    refs = weakref.ref(student), weakref.ref(target)
+    das, sds = basic_terms_fused(student, target, E, w, 1.0, 0.01, chunk_size=4)
+    del student, target
+    assert refs[0]() is None and refs[1]() is None
+    (das + sds).backward()
+    assert base.grad is not None and base.grad.shape == (9, 5)

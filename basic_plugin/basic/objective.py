@@ -7,7 +7,7 @@ import torch
 
 from basic_plugin.basic.health import health_metrics
 from basic_plugin.basic.target import target_layers
-from basic_plugin.basic.losses import direction_loss, distribution_loss, refined_target
+from basic_plugin.basic.losses import basic_terms_fused, refined_target
 from basic_plugin.basic.patch_weights import image_attention_mass
 
 
@@ -98,10 +98,12 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
     weights, raw = patch_weights(model, settings, hidden_states, batch, positions)
     samples = positions.has_image.sum().clamp_min(1).to(torch.float32)
     per_batch = (weights / samples).detach()
-    das = direction_loss(student, target, per_batch)
     vocab = vocabulary_matrix(model, settings)
-    sds = distribution_loss(student, target, vocab, per_batch, temperature=settings.temperature,
-                            reverse=settings.kl == "reverse", chunk_size=settings.sds_chunk_size)
+    # lambda_das L_das and lambda_sds L_sds from one pass that writes both student gradients
+    # into one buffer (values as direction_loss / distribution_loss; both enter the loss as a sum)
+    das, sds = basic_terms_fused(student, target, vocab, per_batch, settings.lambda_das, settings.lambda_sds,
+                                 temperature=settings.temperature, reverse=settings.kl == "reverse",
+                                 chunk_size=settings.sds_chunk_size)
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(student.float(), target.float(), dim=-1)
         metrics = {
@@ -109,7 +111,7 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
             "basic_weight_mass": raw.sum() / samples,
             "basic_image_samples": samples if positions.num_rows else samples.new_zeros(()),
         }
-    losses = {"basic_das": settings.lambda_das * das, "basic_sds": settings.lambda_sds * sds}
+    losses = {"basic_das": das, "basic_sds": sds}
     metrics.update(health_metrics(student, target, weights, positions.image_index, batch.image_features.shape[0],
                                   outputs.loss, losses["basic_das"], losses["basic_sds"]))
     return losses, metrics
