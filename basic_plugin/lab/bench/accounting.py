@@ -11,6 +11,10 @@
   in order) summed into a running total; on CUDA ``torch.cuda.max_memory_allocated``. This
   also sees the temporaries that live only inside one kernel (when they come from torch's
   allocator; the private packing buffers of BLAS libraries are seen by neither method).
+
+:func:`storage_bytes` sizes what a run hands back (the gradients), so that the memory a loss
+holds *beyond* the gradients it returns is ``peak - storage_bytes(grads)``, not ``peak -
+whatever is alive at the end``: a buffer leaked past the run then counts as extra memory.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["LiveTensorBytes", "allocator_peak"]
+__all__ = ["LiveTensorBytes", "allocator_peak", "storage_bytes"]
 
 
 def _storage_key(t: torch.Tensor):
@@ -32,6 +36,21 @@ def _storage_key(t: torch.Tensor):
         return t.untyped_storage()._cdata
     except (RuntimeError, NotImplementedError, AttributeError):  # sparse, nested, ...
         return None
+
+
+def storage_bytes(*tensors) -> int:
+    """Bytes of the distinct storages under ``tensors`` (None entries skipped; meta tensors too)."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None:
+            continue
+        key = _storage_key(t)
+        if key is None:
+            total += t.numel() * t.element_size()
+        elif key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total
 
 
 class LiveTensorBytes(TorchDispatchMode):
