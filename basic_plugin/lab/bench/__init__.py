@@ -2,7 +2,8 @@
 
 One run (see docs/PERFORMANCE.md) measures:
 
-1. the loss module at LLaVA-1.5-7B shapes, naive vs chunked: peak extra memory and time
+1. the loss module at LLaVA-1.5-7B shapes, naive vs chunked (the separate functions) vs fused
+   (one shared student-gradient buffer, the training path): peak extra memory and time
    per batch size (:mod:`~basic_plugin.lab.bench.loss_memory`, measured with
    :mod:`~basic_plugin.lab.bench.accounting`);
 2. a whole training step with BASIC on vs off (:mod:`~basic_plugin.lab.bench.step`) on
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per loss case, interleaved across paths (default 2; 3 with --full)")
     p.add_argument("--chunk-size", type=_parse_ints, default=[256],
-                   help="rows per chunk of the chunked path (default 256, the training default); a comma list "
-                        "adds paths chunked-<c>, the first one is the one the targets use")
+                   help="rows per chunk of the chunked and fused paths (default 256, the training default); a "
+                        "comma list adds paths chunked-<c> / fused-<c>, the first one is the one the targets use")
     p.add_argument("--hidden", type=int, default=4096, help="d (default 4096, LLaVA-1.5-7B)")
     p.add_argument("--vocab", type=int, default=32000, help="|V| (default 32000)")
     p.add_argument("--image-tokens", type=int, default=576, help="m per image (default 576)")
