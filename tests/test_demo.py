@@ -248,6 +248,17 @@ def test_caption_prior_is_the_caption_likelihood_without_the_image(tiny_llava):
             loss = model(input_ids=ids, labels=labels).loss
             assert prior[c].item() == pytest.approx(-loss.item() * len(cand[c]), rel=1e-4)
     assert confusion([0, 1, 1, 2], [0, 2, 1, 2], 3) == [[1, 0, 0], [0, 1, 1], [0, 0, 1]]
+    # a template without BOS (SmolLM2's tokenizer adds none): conditioned on the EOS token instead
+    from types import SimpleNamespace
+
+    no_bos = SimpleNamespace(bos_token_id=None, eos_token_id=2)
+    with torch.no_grad():
+        prior = caption_prior(model, no_bos, [-200], cand)
+        ids = torch.tensor([[2, *cand[3]]])
+        labels = ids.clone()
+        labels[0, 0] = -100
+        assert prior[3].item() == pytest.approx(-model(input_ids=ids, labels=labels).loss.item() * len(cand[3]),
+                                                rel=1e-4)
 
 
 # -- the whole pipeline -------------------------------------------------------------------------------

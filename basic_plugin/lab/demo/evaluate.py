@@ -224,13 +224,20 @@ def greedy_caption(model, tokenizer, prefix_embeds, *, max_new_tokens: int = 16,
 
 # -- one trained model -----------------------------------------------------------------------
 def caption_prior(model, tokenizer, prefix_ids: Sequence[int], cand: Sequence[Sequence[int]]):
-    """Log-likelihood of each candidate caption without an image: ``[BOS] caption <sep>``, shape (C,)."""
+    """Log-likelihood of each candidate caption without an image: ``[BOS] caption <sep>``, shape (C,).
+
+    Without a BOS in the template (SmolLM2's tokenizer adds none), the caption is conditioned on
+    the tokenizer's BOS token, or its EOS token: the start of a text.
+    """
     import torch
     from llava.constants import IMAGE_TOKEN_INDEX
 
     text = [t for t in prefix_ids if t != IMAGE_TOKEN_INDEX]
-    if not text:
-        raise ValueError("the prefix has no text token to condition on (no BOS)")
+    if not text:  # a tokenizer that adds no BOS (SmolLM2): condition on its start (or end) of text token
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if start is None:
+            raise ValueError("the tokenizer has no BOS or EOS token to condition the caption prior on")
+        text = [start]
     embeds = model.get_model().embed_tokens(torch.tensor([text], dtype=torch.long, device=model.device))
     scores, _ = score_shared_prefix(model, embeds, cand)
     return scores[0]
