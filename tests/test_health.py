@@ -90,7 +90,7 @@ def test_guard_stops_a_run_built_to_fail_with_a_restartable_folder(tiny_llava, t
 
     out = tmp_path / "run"
     args = tiny_train_args(tiny_llava, *tiny_data_plain, out, max_steps=6,
-                           extra=["--basic", "True", "--basic_lambda_das", "1000", "--basic_guard", "stop",
+                           extra=["--basic", "True", "--basic_lambda_das", "1000000", "--basic_guard", "stop",
                                   "--basic_guard_window", "2"])
     res = subprocess.run(training_command("basic_plugin.train", args), cwd=REPO_ROOT, env=training_env(),
                          capture_output=True, text=True, timeout=600)
