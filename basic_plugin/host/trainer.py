@@ -12,7 +12,7 @@ import os
 from transformers import TrainerCallback
 
 from basic_plugin.host.forward import PluginForwardMixin
-from basic_plugin.host.objective import bind
+from basic_plugin.host.objective import StepRecord, bind
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.progress import progress_callback
 from basic_plugin.host.refusal import RunStopped
@@ -79,6 +79,8 @@ def plugin_trainer_class(llava_trainer: type) -> type:
             return optimizer
 
         def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+            if self.plugin_binding is not None:  # a batch the plugin path does not take leaves no stale record
+                self.plugin_binding.last_step = StepRecord()
             result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
             if self.plugin_binding is not None and model.training:
                 step = self.plugin_binding.last_step
