@@ -98,10 +98,10 @@ def test_a_third_party_plugin_trains_through_its_entry_point(tiny_llava, tiny_da
     run = run_training(HOST, args_for(tiny_llava, tiny_data_plain, out, stage="pretrain", max_steps=2,
                                       extra=["--toy_weight", "0.25"]),
                        output_dir=out, env=toy_plugin_env)
-    toy = logged(run, "toy")  # llava_auxiliary_losses: added and logged
+    toy = logged(run, "toy")  # the objective's loss term: added and logged
     assert len(toy) == 2 and all(v > 0 for v in toy)
     assert_loss_is_sum_of_terms(run, ["toy"])
-    assert logged(run, "toy_calls") == [1.0, 2.0]  # llava_log_metrics: one forward per step so far
+    assert logged(run, "toy_calls") == [1.0, 2.0]  # the objective's metric: one forward per step so far
     assert "basic_das" not in run["log_history"][0]  # BASIC installed but off
 
 
