@@ -17,6 +17,23 @@ def test_selection_uses_the_calibrated_validation_mean():
     assert select(val) == "das_0.1"  # not the raw-accuracy winner
     val["paper"]["calibrated_accuracy"] = 0.32
     assert select(val) == "paper"  # a tie goes to the earlier-listed configuration
+    val["monitor"]["calibrated_accuracy"] = 0.90
+    assert select(val) == "paper"  # the reference (baseline) arm is not a BASIC setting to choose
+    assert select({"monitor": {"calibrated_accuracy": 0.1}}) == "monitor"  # unless it is all there is
+
+
+def test_health_summary_last_window_and_largest_window():
+    from basic_plugin.lab.sweep import health_summary
+
+    shares = [0.1, 0.2, 0.9, 0.9, 0.3, 0.1, 0.1]
+    log = [{"step": i + 1, "loss": 1.0, "lm_loss": 2.0 - 0.1 * i, "basic_share": x, "basic_v_pairwise_cos": 0.5}
+           for i, x in enumerate(shares)]
+    log.append({"step": 7, "train_runtime": 3.0, "basic_share": 99.0})  # the end-of-training entry is not a step
+    h = health_summary(log, window=3)
+    assert h["basic_share"] == pytest.approx((0.3 + 0.1 + 0.1) / 3)
+    assert h["basic_share_max_window"] == pytest.approx((0.9 + 0.9 + 0.3) / 3)  # steps 3-5 (2-4 is 0.667)
+    assert h["lm_loss"] == pytest.approx((1.6 + 1.5 + 1.4) / 3)
+    assert h["basic_v_pairwise_cos_max_window"] == pytest.approx(0.5) and "basic_weighted_cos" not in h
 
 
 @pytest.fixture
@@ -39,6 +56,12 @@ def test_tiny_sweep_selects_on_validation_tests_once_and_resumes(fmnist, tmp_pat
         assert report["validation"][name]["calibrated_accuracy"] == pytest.approx(ev["calibrated_accuracy"])
         assert json.loads((out / name / "seed0" / "eval_test.json").read_text())["split"] == "test"
     assert "vs_reference" in report["test"]["das_0.1"] and (out / "sweep.png").is_file()
+    assert report["chosen"] == "das_0.1"  # the only BASIC setting; the monitor arm is its reference
+    assert isinstance(report["chosen_beats_reference_on_val"], bool) and report["machine"]["cpu_capability"]
+    logged = json.loads((out / "das_0.1" / "seed0" / "sweep_result.json").read_text())["log_history"]
+    last = [e["basic_weighted_cos"] for e in logged if "basic_weighted_cos" in e and "train_runtime" not in e]
+    assert report["health"]["das_0.1"][0]["basic_weighted_cos"] == pytest.approx(sum(last[-5:]) / len(last[-5:]))
+    assert (out / "curves.png").is_file() and "BASIC's share (max)" in (out / "sweep.md").read_text()
     assert "(chosen)" in (out / "sweep.md").read_text()
     before = (out / "monitor" / "seed0" / "mm_projector.bin").stat().st_mtime_ns
     again = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=900)

@@ -21,10 +21,13 @@ Selection uses a **validation split** (Fashion-MNIST training images that are ne
 on nor in the test split) and one metric fixed before any result: the calibrated (PMI)
 zero-shot accuracy, mean over seeds (the raw accuracy is dominated by how much the LLM likes
 each class name; the calibrated one asks whether the image moved the caption's
-likelihood). ``--test`` then evaluates **every** configuration once on the test split, with
+likelihood). ``--final-test`` then evaluates **every** configuration once on the test split, with
 intervals, and marks the one chosen on validation. Every run is kept and reused
 (resumable: finished runs and evaluations are skipped), two at a time with one thread each.
-Outputs under ``--out``: ``sweep.json``, ``sweep.md`` (tables) and ``sweep.png``.
+The choice is made among the BASIC configurations; the monitor arm is the reference it is compared
+with, and the report says whether the choice beats it. Outputs under ``--out``: ``sweep.json``,
+``sweep.md`` (tables, with each configuration's health metrics at the end of training: what the
+guard's thresholds are set from), ``sweep.png`` (accuracies) and ``curves.png`` (health per step).
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ CONFIGS: Dict[str, List[str]] = {
     "depth_L4": ["--basic_depth", "{L4}"],
 }
 SELECTION_METRIC = "calibrated_accuracy"
+REFERENCE = "monitor"  # BASIC on, both lambdas 0: trains bit for bit like the baseline
 DEFAULTS = {"steps": 100, "batch": 8, "seeds": 2, "val": 300, "test": 300}
 TINY = {"steps": 2, "batch": 2, "seeds": 2, "val": 10, "test": 10}
 
@@ -66,9 +70,37 @@ def summarise(evals: Sequence[dict]) -> dict:
 
 
 def select(val: Dict[str, dict]) -> str:
-    """The configuration with the best mean calibrated validation accuracy (ties: the earlier listed)."""
+    """The BASIC configuration with the best mean calibrated validation accuracy (ties: the earlier
+    listed). The reference arm is not a candidate (it is the baseline, not a BASIC setting) unless it
+    is the only configuration; whether the choice beats it is reported next to the choice."""
     order = list(CONFIGS)
-    return max(sorted(val, key=order.index), key=lambda name: val[name][SELECTION_METRIC])
+    candidates = [n for n in val if n != REFERENCE] or list(val)
+    return max(sorted(candidates, key=order.index), key=lambda name: val[name][SELECTION_METRIC])
+
+
+#: the logged health metrics summarised per run (docs/RESULTS.md reads them; the guard's thresholds come from them)
+HEALTH_KEYS = ("lm_loss", "basic_weighted_cos", "basic_v_pairwise_cos", "basic_vhat_pairwise_cos", "basic_v_norm",
+               "basic_vhat_norm", "basic_share")
+
+
+def health_summary(log_history: Sequence[dict], window: int = 5) -> dict:
+    """Per metric: the mean of the last ``window`` logging steps, and for the guard's two quantities
+    (pairwise cosine of the projector tokens, BASIC's share) the largest ``window``-step mean."""
+    out = {}
+    for key in HEALTH_KEYS:
+        ys = [float(e[key]) for e in log_history if key in e and "train_runtime" not in e]
+        if not ys:
+            continue
+        out[key] = statistics.fmean(ys[-window:])
+        if key in ("basic_v_pairwise_cos", "basic_share"):
+            means = [statistics.fmean(ys[i:i + window]) for i in range(max(1, len(ys) - window + 1))]
+            out[f"{key}_max_window"] = max(means)
+    return out
+
+
+def step_curves(log_history: Sequence[dict], key: str):
+    pts = [(e["step"], float(e[key])) for e in log_history if key in e and "step" in e and "train_runtime" not in e]
+    return [p[0] for p in pts], [p[1] for p in pts]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,7 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from basic_plugin.lab.demo import data as demo_data
     from basic_plugin.lab.demo.evaluate import evaluate_model
     from basic_plugin.lab.demo.run import run_training, strip_separator, train_args
-    from basic_plugin.lab.provenance import code_version
+    from basic_plugin.lab.provenance import code_version, machine
 
     args = build_parser().parse_args(strip_separator(argv))
     cfg = dict(TINY if args.tiny else DEFAULTS)
@@ -129,7 +161,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     data = demo_data.build_dataset(out / "data", train=cfg["steps"] * cfg["batch"], test=cfg["test"], val=cfg["val"],
                                    size=size, seed=0, fmnist_dir=fmnist_dir, progress=progress)
     captions = demo_data.class_captions()
-    version = code_version()
+    version, cpu = code_version(), machine()
 
     def run_dir(name, seed):
         return out / name / f"seed{seed}"
@@ -144,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return
         result = run_training(targs, d, cfg["steps"], deepspeed=True, desc=f"{name} s{seed}", progress=progress,
                               threads=1)
-        (d / "sweep_result.json").write_text(json.dumps({**result, "code": version}))
+        (d / "sweep_result.json").write_text(json.dumps({**result, "code": version, "machine": cpu}))
         stamp.write_text(json.dumps(targs))
 
     def evaluate(name, seed, split):
@@ -168,8 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(2)
     val = {name: summarise([evaluate(name, seed, "val") for seed in range(cfg["seeds"])]) for name in names}
     chosen = select(val)
-    report = {"config": cfg, "code": version, "selection_metric": SELECTION_METRIC, "chosen": chosen,
-              "flags": {n: config_flags(n, layers) for n in names}, "validation": val}
+    logs = {name: [json.loads((run_dir(name, seed) / "sweep_result.json").read_text())["log_history"]
+                   for seed in range(cfg["seeds"])] for name in names}
+    health = {name: [health_summary(h) for h in histories] for name, histories in logs.items()}
+    report = {"config": cfg, "code": version, "machine": cpu, "selection_metric": SELECTION_METRIC, "chosen": chosen,
+              "flags": {n: config_flags(n, layers) for n in names}, "validation": val, "health": health}
+    if REFERENCE in val and chosen != REFERENCE:
+        report["chosen_beats_reference_on_val"] = val[chosen][SELECTION_METRIC] > val[REFERENCE][SELECTION_METRIC]
     if args.final_test:
         from basic_plugin.lab.demo.evaluate import compare_paired
 
@@ -178,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             evals = [evaluate(name, seed, "test") for seed in range(cfg["seeds"])]
             test[name] = summarise(evals)
             test[name]["correct"] = [x for e in evals for x in e["calibrated_correct"]]
-        reference = "monitor" if "monitor" in test else names[0]
+        reference = REFERENCE if REFERENCE in test else names[0]
         for name in names:
             test[name]["vs_reference"] = compare_paired(test[reference]["correct"], test[name]["correct"])
         for name in names:
@@ -188,6 +225,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (out / "sweep.json").write_text(json.dumps(report, indent=1))
     (out / "sweep.md").write_text(markdown(report))
     plot(report, out / "sweep.png")
+    plot_curves(logs, out / "curves.png")
     print(markdown(report))
     return 0
 
@@ -199,6 +237,21 @@ def markdown(report: dict) -> str:
     for name, v in report["validation"].items():
         lines.append(f"| {name} | `{' '.join(report['flags'][name]) or '(paper defaults)'}` | "
                      f"{100 * v['calibrated_accuracy']:.1f}% | {100 * v['accuracy']:.1f}% | {v['caption_loss']:.3f} |")
+    if "chosen_beats_reference_on_val" in report:
+        lines += ["", f"On validation the chosen setting {'beats' if report['chosen_beats_reference_on_val'] else 'does not beat'} "
+                      f"the reference arm `{REFERENCE}` (the baseline's training with BASIC's curves logged)."]
+    if report.get("health"):
+        lines += ["", "Health at the last 5 logging steps (mean over seeds; max: the largest 5-step mean, the guard's "
+                      "window):", "", "| config | lm loss | weighted cos(v, vhat) | pairwise cos v (max) | "
+                      "pairwise cos vhat | norm v | norm vhat | BASIC's share (max) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, runs in report["health"].items():
+            def m(key):
+                vals = [r[key] for r in runs if key in r]
+                return statistics.fmean(vals) if vals else float("nan")
+            lines.append(f"| {name} | {m('lm_loss'):.3f} | {m('basic_weighted_cos'):.3f} | {m('basic_v_pairwise_cos'):.3f} "
+                         f"({m('basic_v_pairwise_cos_max_window'):.3f}) | {m('basic_vhat_pairwise_cos'):.3f} | "
+                         f"{m('basic_v_norm'):.1f} | {m('basic_vhat_norm'):.0f} | {m('basic_share'):.3f} "
+                         f"({m('basic_share_max_window'):.3f}) |")
     if "test" in report:
         lines += ["", f"Test split, used once for every configuration (difference vs `{report['reference']}`, "
                       "95% paired bootstrap; McNemar p):", "",
@@ -233,6 +286,41 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("validation (blue: mean, grey: seeds)" + ("; test (red x)" if "test" in report else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CURVES = (("lm_loss", "caption (lm) loss"), ("basic_weighted_cos", "a_i-weighted cos(v, vhat)"),
+          ("basic_v_pairwise_cos", "pairwise cosine of an image's v tokens"), ("basic_v_norm", "mean norm of v"),
+          ("basic_share", "BASIC's share of the loss"))
+
+
+def plot_curves(logs: Dict[str, List[List[dict]]], path: Path) -> None:
+    """Per-step health curves, one line per configuration (mean over seeds, 5-step running mean)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), dpi=90)
+    for i, (name, histories) in enumerate(logs.items()):
+        for ax, (key, title) in zip(axes, CURVES):
+            series = [step_curves(h, key) for h in histories]
+            series = [s for s in series if s[0]]
+            if not series:
+                continue
+            n = min(len(s[0]) for s in series)
+            xs = series[0][0][:n]
+            ys = [statistics.fmean(s[1][j] for s in series) for j in range(n)]
+            smooth = [statistics.fmean(ys[max(0, j - 4):j + 1]) for j in range(n)]
+            ax.plot(xs, smooth, color="black" if name == REFERENCE else f"C{i % 10}",
+                    linewidth=2.2 if name == REFERENCE else 1.3, label=name)
+            ax.set_title(title, fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
     plt.close(fig)
 
 
