@@ -261,38 +261,140 @@ def test_caption_prior_is_the_caption_likelihood_without_the_image(tiny_llava):
                                                 rel=1e-4)
 
 
+# -- arms, guard, verdict ------------------------------------------------------------------------------
+def test_arms_follow_the_grid_choice_and_never_train_the_paper_defaults_twice(monkeypatch):
+    from basic_plugin.lab.demo import run, selected
+
+    monkeypatch.setattr(selected, "NAME", "das_0.1")
+    monkeypatch.setattr(selected, "FLAGS", ("--basic_lambda_das", "0.1"))
+    arms, note = run.plan_arms("", paper_arm=True)
+    assert list(arms) == ["baseline", "basic", "paper"] and note is None
+    assert arms["baseline"]["flags"] == list(run.MONITOR_FLAGS)
+    assert arms["basic"]["flags"] == ["--basic_lambda_das", "0.1"] and arms["paper"]["flags"] == []
+    assert arms["basic"]["label"] == "BASIC chosen" and "chosen on validation: das_0.1" in arms["basic"]["title"]
+    arms, note = run.plan_arms("--basic_depth 3", paper_arm=False)  # --basic-flags replace the chosen setting
+    assert list(arms) == ["baseline", "basic"] and arms["basic"]["flags"] == ["--basic_depth", "3"]
+    assert arms["basic"]["label"] == "BASIC flags" and arms["basic"]["title"] == "BASIC (--basic-flags --basic_depth 3)"
+    monkeypatch.setattr(selected, "FLAGS", ())  # the grid chose the paper's defaults: no second identical run
+    arms, note = run.plan_arms("", paper_arm=True)
+    assert list(arms) == ["baseline", "basic"] and arms["basic"]["flags"] == [] and "skipped" in note
+    assert "skipped when the basic arm" in " ".join(run.build_parser().format_help().split())
+
+
+def test_guard_verdict_reads_the_run_folder(tmp_path):
+    from basic_plugin.basic.guard import Guard
+    from basic_plugin.lab.demo.report import guard_verdict
+
+    message = Guard(mode="warn", window=1).review({"basic_v_pairwise_cos": 0.97, "basic_share": 0.1}).message
+    warned = tmp_path / "warned"
+    warned.mkdir()
+    (warned / "train.log").write_text(f"[2025] loading\n{{'loss': 1.2, 'step': 24}}\n[basic-llava] step 25: {message}\n"
+                                      "[basic-llava] step 25: training goes on\n")
+    history = [{"step": 24, "loss": 1.2}, {"step": 25, "loss": 1.1, "plugin_guard_warnings": 1}, {"step": 26, "loss": 1.0},
+               {"step": 26, "train_runtime": 9.0}]
+    (warned / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    verdict = guard_verdict(warned)
+    detail = message.split("BASIC guard, ", 1)[1]
+    assert detail.startswith("last 1 logging steps: image tokens collapse (mean pairwise cosine 0.970")
+    assert verdict == {"warnings": 1, "first_step": 25, "first_message": detail,
+                       "text": f"warned 1 time (first at step 25: {detail})"}
+    # a second warning logged but missing from a cut-short log still counts
+    history.insert(3, {"step": 30, "loss": 0.9, "plugin_guard_warnings": 1})
+    (warned / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+    assert guard_verdict(warned)["text"].startswith("warned 2 times (first at step 25: last 1 logging steps")
+    silent = tmp_path / "silent"
+    silent.mkdir()
+    (silent / "train.log").write_text("[basic-llava] step 2: training goes on\n")
+    (silent / "trainer_state.json").write_text(json.dumps({"log_history": history[:1]}))
+    assert guard_verdict(silent)["text"] == "silent" and guard_verdict(silent)["warnings"] == 0
+
+
+def test_verdict_words_follow_the_interval():
+    from basic_plugin.lab.demo.report import judge
+
+    assert judge((0.01, 0.05)) == "better" and judge((-0.05, -0.01)) == "worse"
+    assert judge((-0.01, 0.05)) == judge((0.0, 0.0)) == "no significant difference"
+    assert judge((-0.2, -0.1), lower_is_better=True) == "better" and judge((0.1, 0.2), lower_is_better=True) == "worse"
+
+
 # -- the whole pipeline -------------------------------------------------------------------------------
 def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsys):
+    import re
+
     from basic_plugin.lab import lens
-    from basic_plugin.lab.demo import run
+    from basic_plugin.lab.demo import run, selected
 
     out = tmp_path / "demo"
-    assert run.main(["--tiny", "--out", str(out), "--fmnist-dir", str(synthetic_fmnist), "--quiet"]) == 0
+    assert run.main(["--tiny", "--out", str(out), "--fmnist-dir", str(synthetic_fmnist), "--quiet", "--paper-arm",
+                     "--basic-flags", "--basic_lambda_das 0.5"]) == 0
     printed = capsys.readouterr().out
-    assert "[demo] done in" in printed and "zero-shot accuracy" in printed
+    assert printed.startswith(f"[demo] what the grid found (docs/RESULTS.md): {selected.VERDICT}\n")
+    assert "[demo] arm paper: BASIC (the paper's defaults): --basic True\n" in printed
     summary = json.loads((out / "summary.json").read_text())
-    pooled = summary["aggregate"]["pooled"]
+    assert list(summary["runs"]["0"]) == ["baseline", "basic", "paper"]
+    agg = summary["aggregate"]
+    assert set(agg["vs_baseline"]) == {"basic", "paper"} and agg["pooled"] == agg["vs_baseline"]["basic"]["pooled"]
+    pooled = agg["pooled"]
     assert pooled["n"] == 10 and 0 <= pooled["acc_a"] <= 1 and 0 <= pooled["acc_b"] <= 1
+    # the flags reach each arm's training command, and only its own
+    commands = {arm: (out / "seed0" / arm / "command.txt").read_text() for arm in ("basic", "paper")}
+    assert "--basic_lambda_das 0.5" in commands["basic"] and "--basic_lambda_das" not in commands["paper"]
+    assert "--basic True" in commands["paper"] and "deepspeed.launcher.runner" in commands["basic"]
     # calibrated accuracy: recomputed here from each arm's saved scores and no-image prior
-    for arm, key in (("baseline", "acc_a"), ("basic", "acc_b")):
-        ev = json.loads((Path(summary["runs"]["0"][arm]["dir"]) / "eval.json").read_text())
+    evals = {arm: json.loads((Path(summary["runs"]["0"][arm]["dir"]) / "eval.json").read_text())
+             for arm in ("baseline", "basic", "paper")}
+    for arm, ev in evals.items():
         again = [max(range(10), key=lambda c: row[c] - ev["prior_scores"][c]) == y
                  for row, y in zip(ev["scores"], ev["labels"])]
-        assert summary["aggregate"]["calibrated"][key] == pytest.approx(sum(again) / len(again))
-    assert 0 <= summary["aggregate"]["calibrated"]["acc_a"] <= 1 and "calibrated" in (out / "report.md").read_text()
-    curves = summary["aggregate"]["lens"]
-    assert len(curves["basic"]["mean_meaningful"]) == 5  # input + 4 tiny layers
+        assert again == ev["calibrated_correct"]
+        if arm != "baseline":
+            cal = agg["vs_baseline"][arm]["calibrated"]
+            assert cal["acc_b"] == pytest.approx(sum(again) / len(again))
+            assert cal["acc_a"] == pytest.approx(sum(evals["baseline"]["calibrated_correct"]) / 10)
+    assert agg["calibrated"] == agg["vs_baseline"]["basic"]["calibrated"]
+
+    # report.md opens with the verdict; each BASIC arm's word follows from the two arms' calibrated outcomes
+    report = (out / "report.md").read_text()
+    sections = re.findall(r"^## (.+)$", report, flags=re.M)
+    assert sections[0] == "Verdict" and sections.index("BASIC's guard") > 0
+    verdict = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
+    assert f"What the validation grid found (docs/RESULTS.md, `basic-llava sweep`): {selected.VERDICT}" in verdict
+    words = {}
+    for arm, label in (("basic", "BASIC flags"), ("paper", "BASIC paper")):
+        a, b = evals["baseline"]["calibrated_correct"], evals[arm]["calibrated_correct"]
+        lo, hi = paired_bootstrap(a, b)  # the statistic (checked by hand above) on the saved outcomes
+        word = words[arm] = "better" if lo > 0 else "worse" if hi < 0 else "no significant difference"
+        head = (f"This run (test split, n=10): {label} {100 * sum(b) / 10:.1f}% vs baseline {100 * sum(a) / 10:.1f}% "
+                f"calibrated, {100 * (sum(b) - sum(a)) / 10:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}], McNemar p = ")
+        sentence = next(line for line in verdict.splitlines() if line.startswith(head))
+        assert re.match(re.escape(head) + r"[^:]+: (better|worse|no significant difference) \(raw accuracy",
+                        sentence).group(1) == word
+    done = printed.split("[demo] done in", 1)[1].split("\n")[0]  # the terminal's last line names the same verdict
+    assert "BASIC flags vs baseline, zero-shot accuracy calibrated" in done and f"): {words['basic']}; raw" in done
+
+    # the guard: silent in runs whose log entries carry no warning (2 steps are less than its window)
+    guard_row = next(line for line in report.splitlines() if line.startswith("guard "))
+    cells = guard_row.split()[1:]
+    assert len(cells) == 3
+    for arm, cell in zip(("baseline", "basic", "paper"), cells):
+        history = json.loads((out / "seed0" / arm / "trainer_state.json").read_text())["log_history"]
+        assert not any("plugin_guard_warnings" in e for e in history) and cell == "silent"
+    assert summary["guard"]["0"]["paper"]["text"] == "silent"
+
+    curves = agg["lens"]
+    assert len(curves["basic"]["mean_meaningful"]) == 5 and len(curves["paper"]["mean_meaningful"]) == 5
     for name in ("report.md", "report.html", "losses.png", "lens.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
-    basic_log = json.loads((out / "seed0" / "basic" / "trainer_state.json").read_text())["log_history"]
-    assert [e["step"] for e in basic_log if "basic_das" in e] == [1, 2]
-    base_log = json.loads((out / "seed0" / "baseline" / "trainer_state.json").read_text())["log_history"]
+    logs = {arm: json.loads((out / "seed0" / arm / "trainer_state.json").read_text())["log_history"]
+            for arm in ("baseline", "basic", "paper")}
+    assert [e["step"] for e in logs["basic"] if "basic_das" in e] == [1, 2]
+    # step 1: same projector init and batch, so the direction term (as added to the loss) scales with its lambda
+    first = {arm: next(e["basic_das"] for e in logs[arm] if "basic_das" in e) for arm in ("basic", "paper")}
+    assert first["paper"] > 0 and first["basic"] == pytest.approx(0.5 * first["paper"], rel=1e-4)
     # the baseline monitors: BASIC's terms are 0 (no effect on training) and its health curves are logged
-    assert [e["basic_das"] for e in base_log if "basic_das" in e] == [0.0, 0.0]
-    assert all("basic_v_pairwise_cos" in e for e in base_log if "loss" in e) and (out / "health.png").is_file()
-    assert "deepspeed.launcher.runner" in (out / "seed0" / "basic" / "command.txt").read_text()
-    evals = json.loads((out / "seed0" / "basic" / "eval.json").read_text())
-    assert len(evals["predictions"]) == 10 and evals["captions"]
+    assert [e["basic_das"] for e in logs["baseline"] if "basic_das" in e] == [0.0, 0.0]
+    assert all("basic_v_pairwise_cos" in e for e in logs["baseline"] if "loss" in e) and (out / "health.png").is_file()
+    assert len(evals["basic"]["predictions"]) == 10 and evals["basic"]["captions"]
 
     # the lens command on the trained projector-only checkpoint
     lens_out = tmp_path / "lens"

@@ -1,23 +1,37 @@
 """``basic-llava demo``: what BASIC does to a real (small) LLaVA, on a CPU, baseline vs BASIC.
 
+Arms, all with the same seed (``--seed_model_init True``: same projector init), data, order and steps:
+
+* ``baseline``: ``--basic True`` with both lambdas 0: trains exactly like LLaVA and logs BASIC's
+  health curves;
+* ``basic``: BASIC at the setting the validation grid (``basic-llava sweep``) chose, as recorded in
+  docs/RESULTS.md and copied to :mod:`basic_plugin.lab.demo.selected`; ``--basic-flags`` replaces
+  that setting;
+* ``paper`` (only with ``--paper-arm``): BASIC at the paper's defaults; skipped, with a note, when
+  the ``basic`` arm already is the paper's defaults (the grid chose them, no ``--basic-flags``).
+
+The run opens with what the grid found; the report opens with a verdict: the grid's, then this
+run's for each BASIC arm against the baseline.
+
 Steps (each with a progress bar):
 
 1. assets: ``install_assets()`` (SmolLM2-135M-Instruct as the LLM, all 30 layers; DINOv2-small
    at 112 px = 64 image tokens as the vision tower), downloaded and converted once;
 2. data: ``basic-llava data`` (Fashion-MNIST captions for training, a held-out test split,
    packaged photos);
-3. LLaVA stage-1 projector pretraining through LLaVA's own ``train()``
+3. LLaVA stage-1 projector pretraining of every arm through LLaVA's own ``train()``
    (``python -m basic_plugin.train`` under DeepSpeed's launcher, ZeRO-2, 1 rank, ``plain``
-   template, ``--tune_mm_mlp_adapter True``), once as the baseline and once with
-   ``--basic True``: same seed (``--seed_model_init True``: same projector init), same data
-   and order, same steps;
-4. evaluation of both (:mod:`basic_plugin.lab.demo.evaluate`): 10-way zero-shot accuracy on held-out
-   images with 95% Wilson intervals and a paired McNemar test, BASIC's per-layer nearest-word
-   analysis (:mod:`basic_plugin.lab.lens`), greedy captions of the packaged photos;
-5. report (:mod:`basic_plugin.lab.demo.report`): terminal table, ``report.md`` / ``report.html``,
-   ``losses.png``, ``lens.png``, ``summary.json`` under ``--out`` (default ``runs/demo``).
+   template, ``--tune_mm_mlp_adapter True``), up to one arm per core at once;
+4. evaluation of every arm (:mod:`basic_plugin.lab.demo.evaluate`): 10-way zero-shot accuracy
+   (raw and calibrated) on held-out images with 95% Wilson intervals and a paired McNemar test
+   against the baseline, BASIC's per-layer nearest-word analysis (:mod:`basic_plugin.lab.lens`),
+   greedy captions of the packaged photos;
+5. report (:mod:`basic_plugin.lab.demo.report`): verdict, terminal table, ``report.md`` /
+   ``report.html``, ``losses.png``, ``health.png``, ``lens.png``, ``summary.json`` under ``--out``
+   (default ``runs/demo``).
 
-Trained runs are reused when their arguments are unchanged (``--retrain`` to redo them).
+Trained runs (``--out``/seed{N}/{arm}) and their evaluations are reused when their arguments are
+unchanged (``--retrain`` to redo them).
 ``--full``: 3 seeds, 6000 held-out images, 300 steps: at the discordance seen in the default run
 (the two models disagree on about 28% of the images), McNemar's test needs about 5,500 paired
 images to resolve a 2-point accuracy difference (alpha 0.05, power 0.8); the report prints this
@@ -33,13 +47,12 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
 FULL = {"steps": 300, "test": 6000, "seeds": 3}
 TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
 
-ARMS = ("baseline", "basic")
 #: the baseline arm: BASIC on with both lambdas 0 (no effect on training, same curves logged)
 MONITOR_FLAGS = ("--basic_lambda_das", "0", "--basic_lambda_sds", "0")
 EVAL_FORMAT = 2  # 2: calibrated accuracy and confusion matrices
@@ -80,28 +93,56 @@ def run_training(args: Sequence[str], out_dir: Path, steps: int, *, deepspeed: b
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
+def plan_arms(basic_flags: str = "", paper_arm: bool = False) -> Tuple[Dict[str, dict], Optional[str]]:
+    """The arms to train, ``{arm: {"flags", "label", "title"}}``, and a note when ``--paper-arm`` is dropped.
+
+    ``basic`` is the setting the grid chose (:mod:`basic_plugin.lab.demo.selected`) unless
+    ``basic_flags`` (``--basic-flags``) replace it. ``paper`` would train the very same run as
+    ``basic`` when both are the paper's defaults, so it is then skipped.
+    """
+    from basic_plugin.lab.demo import selected
+
+    arms = {"baseline": {"flags": list(MONITOR_FLAGS), "label": "baseline",
+                         "title": "baseline (BASIC, both lambdas 0: trains exactly like LLaVA, logs BASIC's curves)"}}
+    given = shlex.split(basic_flags)
+    if given:
+        arms["basic"] = {"flags": given, "label": "BASIC flags", "title": f"BASIC (--basic-flags {shlex.join(given)})"}
+    else:
+        setting = shlex.join(selected.FLAGS) or "the paper's defaults"
+        arms["basic"] = {"flags": list(selected.FLAGS), "label": "BASIC chosen",
+                         "title": f"BASIC (chosen on validation: {selected.NAME}, {setting})"}
+    if not paper_arm:
+        return arms, None
+    if not arms["basic"]["flags"]:
+        return arms, "--paper-arm: skipped, the basic arm already is BASIC at the paper's defaults"
+    arms["paper"] = {"flags": [], "label": "BASIC paper", "title": "BASIC (the paper's defaults)"}
+    return arms, None
+
+
 def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, arm: str, steps: int, batch: int,
                seed: int, lr: float, deepspeed: bool, basic_flags: Sequence[str] = ()) -> List[str]:
     """LLaVA's pretrain.sh arguments for a CPU run (:func:`basic_plugin.lab.llava_args.cpu_args`) of one arm.
 
-    The seeds, the learning rate and ``--model_max_length 128`` come after the builder's flags
-    (the last value of a repeated flag wins), as in the lists stored with finished runs.
+    Every arm but ``baseline`` is BASIC with ``basic_flags``. The seeds, the learning rate and
+    ``--model_max_length 128`` come after the builder's flags (the last value of a repeated flag
+    wins), as in the lists stored with finished runs.
     """
     from basic_plugin.lab.llava_args import cpu_args
 
     extra = ["--seed", str(seed), "--data_seed", str(seed), "--seed_model_init", "True",
              "--learning_rate", str(lr), "--model_max_length", "128"]
-    if arm == "basic":
-        extra += ["--basic", "True", *basic_flags]
-    else:  # BASIC monitoring only: trains exactly as LLaVA does (bit for bit) and logs BASIC's health curves
+    if arm == "baseline":  # BASIC monitoring only: trains exactly as LLaVA does (bit for bit), logs BASIC's curves
         extra += ["--basic", "True", *MONITOR_FLAGS]
+    else:
+        extra += ["--basic", "True", *basic_flags]
     return cpu_args(model=paths["lm"], vision_tower=paths["vision"], data_path=data["train"],
                     image_folder=data["image_folder"], output_dir=out_dir, stage="pretrain", max_steps=steps,
                     batch=batch, deepspeed="zero2" if deepspeed else None, gradient_checkpointing=False, extra=extra)
 
 
-def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, progress: bool, seed) -> Dict[str, dict]:
-    """Evaluate each arm (``evaluate_model(**kwargs[arm])``), in spawned processes at once when ``parallel``."""
+def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progress: bool, seed) -> Dict[str, dict]:
+    """Evaluate each arm (``evaluate_model(**kwargs[arm])``): here one after the other when ``workers`` is 1,
+    else in spawned processes, ``workers`` at a time with ``threads`` threads each (as in training)."""
     from tqdm.auto import tqdm
 
     from basic_plugin.lab.demo.evaluate import evaluate_model, evaluation_worker
@@ -112,7 +153,7 @@ def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, prog
                       disable=not progress) for i, arm in enumerate(kwargs)}
     results: Dict[str, dict] = {}
     try:
-        if not parallel or len(kwargs) < 2:
+        if workers < 2 or len(kwargs) < 2:
             import torch
 
             torch.set_num_threads(threads)
@@ -124,11 +165,13 @@ def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, prog
 
         ctx = mp.get_context("spawn")
         q = ctx.Queue()
-        procs = {arm: ctx.Process(target=evaluation_worker, args=(arm, kw, threads, q), daemon=True)
-                 for arm, kw in kwargs.items()}
-        for proc in procs.values():
-            proc.start()
-        while len(results) < len(procs):
+        waiting = list(kwargs)
+        procs = {}
+        while len(results) < len(kwargs):
+            while waiting and len(procs) - len(results) < workers:
+                arm = waiting.pop(0)
+                procs[arm] = ctx.Process(target=evaluation_worker, args=(arm, kwargs[arm], threads, q), daemon=True)
+                procs[arm].start()
             try:
                 kind, arm, payload = q.get(timeout=5)
             except queue_mod.Empty:
@@ -140,12 +183,11 @@ def evaluate_arms(kwargs: Dict[str, dict], *, parallel: bool, threads: int, prog
                 bars[arm].update(payload)
             elif kind == "done":
                 results[arm] = payload
+                procs[arm].join()
             else:
                 for proc in procs.values():
                     proc.terminate()
                 raise RuntimeError(f"evaluating {arm} failed:\n{payload}")
-        for proc in procs.values():
-            proc.join()
         return results
     finally:
         for bar in bars.values():
@@ -169,12 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lens-images", type=int, default=None, help="test images for the per-layer analysis (default 30, as the paper)")
     p.add_argument("--lr", type=float, default=None, help="projector learning rate (default 1e-3, LLaVA's)")
     p.add_argument("--full", action="store_true", help="3 seeds, 6000 test images, 300 steps (hours on a CPU)")
-    p.add_argument("--basic-flags", default="", help='extra BASIC flags for the BASIC arm, e.g. "--basic_depth 10"')
+    p.add_argument("--basic-flags", default="",
+                   help='BASIC flags for the basic arm, replacing the setting the grid chose '
+                        '(basic_plugin/lab/demo/selected.py), e.g. "--basic_depth 10"')
+    p.add_argument("--paper-arm", action="store_true",
+                   help="also train BASIC at the paper's defaults (arm 'paper'); skipped when the basic arm "
+                        "already is the paper's defaults")
     p.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST idx folder (default: the Debian package's)")
     p.add_argument("--cache-dir", default=None, help="assets cache (default ~/.cache/basic-llava/assets)")
     p.add_argument("--no-deepspeed", action="store_true", help="train without DeepSpeed's launcher")
     p.add_argument("--sequential", action="store_true",
-                   help="one arm at a time with all cores (default: both arms at once, half the cores each)")
+                   help="one arm at a time with all cores (default: up to one arm per core at once)")
     p.add_argument("--retrain", action="store_true", help="train again even when a finished run matches")
     p.add_argument("--tiny", action="store_true", help="tiny random model instead of the real parts (tests only)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -200,15 +247,22 @@ def resolve(args) -> dict:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(strip_separator(argv))
     cfg = resolve(args)
+    arms, note = plan_arms(args.basic_flags, args.paper_arm)
     progress = not args.quiet
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: Dict[str, float] = {}
     t0 = time.perf_counter()
 
-    from basic_plugin.lab.demo import data as demo_data
+    from basic_plugin.lab.demo import data as demo_data, selected
     from basic_plugin.lab.demo.report import write_report
     from basic_plugin.lab.provenance import code_version
+
+    print(f"[demo] what the grid found (docs/RESULTS.md): {selected.VERDICT}", flush=True)
+    for arm, spec in arms.items():
+        print(f"[demo] arm {arm}: {spec['title']}: {shlex.join(['--basic', 'True', *spec['flags']])}", flush=True)
+    if note:
+        print(f"[demo] {note}", flush=True)
 
     # 1. assets
     print(f"[demo] 1/5 assets ({'tiny random model' if args.tiny else 'SmolLM2-135M-Instruct + DINOv2-small 112 px'})",
@@ -244,19 +298,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    fmnist_dir=fmnist_dir, progress=progress)
     timings["data"] = time.perf_counter() - t
 
-    # 3. training: both arms of a seed at once (one thread each), or one after the other (--sequential)
-    basic_flags = shlex.split(args.basic_flags)
+    # 3. training: up to one arm per core at once (one rank each), or one after the other (--sequential)
     cores = os.cpu_count() or 1
     parallel = not args.sequential and cores >= 2
-    threads = max(1, cores // 2) if parallel else cores
     runs: Dict[str, Dict[str, dict]] = {}
     t = time.perf_counter()
     for seed in range(cfg["seeds"]):
         jobs = {}
-        for arm in ARMS:
+        for arm, spec in arms.items():
             run_dir = out / f"seed{seed}" / arm
             targs = train_args(paths, data, run_dir, arm=arm, steps=cfg["steps"], batch=cfg["batch"], seed=seed,
-                               lr=cfg["lr"], deepspeed=not args.no_deepspeed, basic_flags=basic_flags)
+                               lr=cfg["lr"], deepspeed=not args.no_deepspeed, basic_flags=spec["flags"])
             stamp = run_dir / "demo_args.json"
             done = (not args.retrain and stamp.is_file() and json.loads(stamp.read_text()) == targs
                     and (run_dir / "mm_projector.bin").is_file() and (run_dir / "demo_result.json").is_file())
@@ -267,9 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if stamp.exists():
                     stamp.unlink()
                 jobs[arm] = (run_dir, targs, stamp)
-        reused = [arm for arm in ARMS if arm not in jobs]
+        workers = min(cores, len(jobs)) if parallel else 1
+        threads = max(1, cores // max(1, workers))
+        reused = [arm for arm in arms if arm not in jobs]
         print(f"[demo] 3/5 train seed {seed}: {cfg['steps']} steps x batch {cfg['batch']}, "
-              + ("both arms at once, 1 rank each, " + f"{threads} thread(s) each" if parallel and len(jobs) > 1
+              + (f"{len(jobs)} arms, {workers} at a time, 1 rank and {threads} thread(s) each" if workers > 1
                  else f"{threads} thread(s)") + (f"; reused finished run(s): {', '.join(reused)}" if reused else ""),
               flush=True)
 
@@ -281,31 +335,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stamp.write_text(json.dumps(targs))
             return result
 
-        if parallel and len(jobs) > 1:
+        if workers > 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            with ThreadPoolExecutor(len(jobs)) as pool:
+            with ThreadPoolExecutor(workers) as pool:
                 futures = {arm: pool.submit(train_one, arm, i) for i, arm in enumerate(jobs)}
                 results = {arm: f.result() for arm, f in futures.items()}
         else:
             results = {arm: train_one(arm, 0) for arm in jobs}
         for arm, result in results.items():
             runs.setdefault(str(seed), {})[arm] = {"dir": str(jobs[arm][0]), **result}
-        runs[str(seed)] = {arm: runs[str(seed)][arm] for arm in ARMS}
+        runs[str(seed)] = {arm: runs[str(seed)][arm] for arm in arms}
     timings["train"] = time.perf_counter() - t
 
-    # 4. evaluation, both arms at once as in training
+    # 4. evaluation, up to one arm per core at once as in training
     t = time.perf_counter()
     captions = demo_data.class_captions()
     n_lens = min(cfg["lens_images"], cfg["test"])
-    for seed, arms in runs.items():
+    for seed, seed_runs in runs.items():
         print(f"[demo] 4/5 evaluate seed {seed}: {cfg['test']} held-out images x 10 candidate captions, "
               f"lens on {n_lens}, captions of {len(json.loads(Path(data['photos']).read_text()))} photos + 4 test images",
               flush=True)
         kwargs = {arm: dict(run_dir=run["dir"], model_base=paths["lm"], data=data, captions=captions,
-                            n_test=cfg["test"], n_lens=n_lens, progress=False) for arm, run in arms.items()}
+                            n_test=cfg["test"], n_lens=n_lens, progress=False) for arm, run in seed_runs.items()}
         results = {}
-        for arm, run in arms.items():  # an unchanged evaluation of an unchanged run is reused
+        for arm, run in seed_runs.items():  # an unchanged evaluation of an unchanged run is reused
             key = {**kwargs[arm], "trained": run.get("finished_at"), "format": EVAL_FORMAT}
             path = Path(run["dir"], "eval.json")
             if path.is_file():
@@ -319,8 +373,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if len(todo) < len(kwargs):
             print(f"[demo]     reused the evaluation of: {', '.join(a for a in kwargs if a not in todo)}", flush=True)
         if todo:
-            results.update(evaluate_arms(todo, parallel=parallel, threads=threads, progress=progress, seed=seed))
-        for arm, run in arms.items():
+            workers = min(cores, len(todo)) if parallel else 1
+            results.update(evaluate_arms(todo, workers=workers, threads=max(1, cores // workers), progress=progress,
+                                         seed=seed))
+        for arm, run in seed_runs.items():
             results[arm]["key"] = {**kwargs[arm], "trained": run.get("finished_at"), "format": EVAL_FORMAT}
             Path(run["dir"], "eval.json").write_text(json.dumps(results[arm]))
             run["eval"] = results[arm]
@@ -330,8 +386,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("[demo] 5/5 report", flush=True)
     t = time.perf_counter()
     timings["total_before_report"] = time.perf_counter() - t0
-    summary = write_report(out, runs, cfg=cfg, data=data, paths=paths, timings=timings, tiny=args.tiny,
-                           basic_flags=basic_flags)
+    summary = write_report(out, runs, cfg=cfg, data=data, paths=paths, timings=timings, arms=arms, tiny=args.tiny)
     timings["report"] = time.perf_counter() - t
     total = time.perf_counter() - t0
     print(summary["line"].replace("{total}", f"{total / 60:.1f} min"), flush=True)
