@@ -340,6 +340,11 @@ def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsy
     commands = {arm: (out / "seed0" / arm / "command.txt").read_text() for arm in ("basic", "paper")}
     assert "--basic_lambda_das 0.5" in commands["basic"] and "--basic_lambda_das" not in commands["paper"]
     assert "--basic True" in commands["paper"] and "deepspeed.launcher.runner" in commands["basic"]
+    # every run records the code and the CPU kernels it ran with (they decide its rounding)
+    import torch
+
+    result = json.loads((out / "seed0" / "paper" / "demo_result.json").read_text())
+    assert result["machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and "commit" in result["code"]
     # calibrated accuracy: recomputed here from each arm's saved scores and no-image prior
     evals = {arm: json.loads((Path(summary["runs"]["0"][arm]["dir"]) / "eval.json").read_text())
              for arm in ("baseline", "basic", "paper")}

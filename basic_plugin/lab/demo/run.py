@@ -256,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from basic_plugin.lab.demo import data as demo_data, selected
     from basic_plugin.lab.demo.report import write_report
-    from basic_plugin.lab.provenance import code_version
+    from basic_plugin.lab.provenance import code_version, machine
 
     print(f"[demo] what the grid found (docs/RESULTS.md): {selected.VERDICT}", flush=True)
     for arm, spec in arms.items():
@@ -331,7 +331,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             run_dir, targs, stamp = jobs[arm]
             result = run_training(targs, run_dir, cfg["steps"], deepspeed=not args.no_deepspeed,
                                   desc=f"train {arm:<8} s{seed}", progress=progress, threads=threads, position=position)
-            (run_dir / "demo_result.json").write_text(json.dumps({**result, "code": code_version()}))
+            (run_dir / "demo_result.json").write_text(json.dumps({**result, "code": code_version(), "machine": machine()}))
             stamp.write_text(json.dumps(targs))
             return result
 
