@@ -98,3 +98,29 @@ def test_guard_stops_a_run_built_to_fail_with_a_restartable_folder(tiny_llava, t
     assert res.returncode == 3, output[-3000:]
     assert "BASIC guard, last 2 logging steps: BASIC's terms out-weigh the caption loss" in output
     assert "stopped the run at step 2" in output and (out / "stopped-at-step-2" / "mm_projector.bin").is_file()
+
+
+def test_guard_warns_on_a_run_whose_image_tokens_collapse(tiny_llava, tiny_data_plain, tmp_path):
+    """A run built to collapse: the projector starts with a zero output layer (every image token
+    is its bias) and does not learn (lr 0). Monitor-only BASIC, so the share cannot fire; the
+    guard must name the collapse, with the number, and the run must go on (warn)."""
+    import json
+
+    lm = json.loads((tiny_llava["lm"] / "config.json").read_text())["hidden_size"]
+    vision = json.loads((tiny_llava["vision"] / "config.json").read_text())["hidden_size"]
+    gen = torch.Generator().manual_seed(0)
+    collapsed = {"model.mm_projector.0.weight": torch.randn(lm, vision, generator=gen) * 0.02,
+                 "model.mm_projector.0.bias": torch.zeros(lm),
+                 "model.mm_projector.2.weight": torch.zeros(lm, lm),
+                 "model.mm_projector.2.bias": torch.randn(lm, generator=gen)}
+    torch.save(collapsed, tmp_path / "collapsed.bin")
+    out = tmp_path / "run"
+    res = run_training("tests._host_train", tiny_train_args(
+        tiny_llava, *tiny_data_plain, out, max_steps=4, pretrain_mm_mlp_adapter=tmp_path / "collapsed.bin",
+        extra=["--basic", "True", "--basic_lambda_das", "0", "--basic_lambda_sds", "0", "--learning_rate", "0",
+               "--basic_guard_window", "2"]), output_dir=out)
+    logged = [e for e in res["log_history"] if "loss" in e]
+    assert len(logged) == 4 and all(e["basic_v_pairwise_cos"] > 0.999 for e in logged)
+    assert "BASIC guard, last 2 logging steps: image tokens collapse (mean pairwise cosine 1.000 > " \
+           "--basic_guard_collapse 0.9" in res["output"]
+    assert "out-weigh" not in res["output"]
