@@ -171,7 +171,7 @@ class LayerLens:
 
 
 # -- loading a LLaVA model ------------------------------------------------------------------------
-def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str = "float32"):
+def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str = "float32", model_class=None):
     """``(tokenizer, model, image_processor)`` of a LLaVA-1.5 checkpoint, built as LLaVA builds it.
 
     With ``model_base``: a projector-only checkpoint (``config.json`` + ``mm_projector.bin``,
@@ -179,6 +179,7 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
     does for such checkpoints. Without: a full checkpoint. The plugin host is applied first,
     so plugin vision towers (DINOv2) build through ``llava_build_vision_tower``.
     Unlike ``load_pretrained_model`` (always fp16), ``dtype`` is honoured (fp32 on CPU).
+    ``model_class``: another LLaVA-Llama class to build (e.g. with the plugin forward in front).
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -188,6 +189,7 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
     apply_plugin_host()
     from llava.model import LlavaLlamaForCausalLM
 
+    cls = model_class or LlavaLlamaForCausalLM
     torch_dtype = getattr(torch, dtype)
     if model_base is not None:
         config = AutoConfig.from_pretrained(model_path)
@@ -199,7 +201,7 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()
         try:
-            model = LlavaLlamaForCausalLM.from_pretrained(model_base, config=config, torch_dtype=torch_dtype)
+            model = cls.from_pretrained(model_base, config=config, torch_dtype=torch_dtype)
         finally:
             hf_logging.set_verbosity(verbosity)
         weights = torch.load(Path(model_path) / "mm_projector.bin", map_location="cpu", weights_only=True)
@@ -211,7 +213,7 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
             raise ValueError(f"{model_path}/mm_projector.bin: unexpected keys {result.unexpected_keys[:4]}")
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path, use_fast=False)
-        model = LlavaLlamaForCausalLM.from_pretrained(model_path, torch_dtype=torch_dtype, low_cpu_mem_usage=True)
+        model = cls.from_pretrained(model_path, torch_dtype=torch_dtype, low_cpu_mem_usage=True)
     tower = model.get_vision_tower()
     if tower is None:
         raise ValueError(f"{model_path}: the config names no vision tower (mm_vision_tower)")
