@@ -376,6 +376,7 @@ def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsy
                         sentence).group(1) == word
     done = printed.split("[demo] done in", 1)[1].split("\n")[0]  # the terminal's last line names the same verdict
     assert "BASIC flags vs baseline, zero-shot accuracy calibrated" in done and f"): {words['basic']}; raw" in done
+    assert "this run's seeds only: the grid's verdict is the first line" in done
 
     # the guard: silent in runs whose log entries carry no warning (2 steps are less than its window)
     guard_row = next(line for line in report.splitlines() if line.startswith("guard "))

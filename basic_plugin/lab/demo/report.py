@@ -461,8 +461,8 @@ def write_report(out: Path, runs: Dict[str, Dict[str, dict]], *, cfg: dict, data
     line = (f"[demo] done in {{total}}: {labels['basic']} vs baseline, zero-shot accuracy calibrated "
             f"{_pct(cal['acc_b'])} vs {_pct(cal['acc_a'])} ({_points(cal)}, McNemar p={cal['mcnemar_p']:.2g}): "
             f"{judge(cal['diff_ci'])}; raw {_pct(raw['acc_b'])} vs {_pct(raw['acc_a'])} ({_points(raw)}, "
-            f"McNemar p={raw['mcnemar_p']:.2g}): {judge(raw['diff_ci'])} (n={raw['n']}){lens_note}; "
-            f"report: {out / 'report.md'}")
+            f"McNemar p={raw['mcnemar_p']:.2g}): {judge(raw['diff_ci'])} (n={raw['n']}, this run's seeds only: the "
+            f"grid's verdict is the first line){lens_note}; report: {out / 'report.md'}")
     summary = {"cfg": cfg, "paths": paths, "data": data, "timings": timings, "arms": arms, "verdict": verdict,
                "guard": guard, "aggregate": agg,
                "runs": {s: {a: {"dir": r["dir"], "accuracy": r["eval"]["accuracy"], "wall_s": r.get("wall_s")}
