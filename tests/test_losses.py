@@ -551,6 +551,24 @@ def test_fused_lambdas_weight_each_term(lam_das, lam_sds):
     torch.testing.assert_close(ge, rge, rtol=1e-9, atol=1e-12)
 
 
+def test_fused_at_lambda_sds_zero_computes_no_logits(monkeypatch):
+    """lambda_sds 0 (the monitor and direction-only runs): no vocabulary logits at all, same values and
+    gradients as the direction term alone (float64 reference), vocab gradient zero."""
+    from basic_plugin.basic import losses
+
+    def no_logits(*args, **kwargs):
+        raise AssertionError("the distribution term was computed at lambda_sds 0")
+
+    s, t, E, w = make_inputs(9, 5, 11, torch.float64)
+    monkeypatch.setattr(losses, "_kl_rows_chunk", no_logits)
+    das, sds, gs, ge = _fused_grads(s, t, E, w, 0.7, 0.0, chunk_size=4)
+    monkeypatch.undo()
+    rd, _, rgs, _ = _reference_grads(s, t, E, w, 0.7, 0.0, 1.0, False, True)
+    assert sds.item() == 0.0 and torch.count_nonzero(ge) == 0
+    torch.testing.assert_close(das, rd, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(gs, rgs, rtol=1e-9, atol=1e-12)
+
+
 def test_fused_zero_student_rows_follow_the_eps_floor():
     s, t, E, w = make_inputs(6, 5, 11, torch.float64)
     s[2] = 0.0

@@ -396,7 +396,9 @@ class _FusedTerms(torch.autograd.Function):
     No input is saved for the backward. Backward once; not twice differentiable.
 
     The L_das value is summed over the rows in ``DIRECTION_CHUNK`` groups and the L_sds value
-    in ``chunk_size`` groups, exactly as ``direction_loss`` and ``distribution_loss`` do.
+    in ``chunk_size`` groups, exactly as ``direction_loss`` and ``distribution_loss`` do. At
+    ``lambda_sds == 0`` the distribution term is not computed (no logits): its value is 0 and
+    so is its gradient, as they would be from the full computation times 0.
     """
 
     @staticmethod
@@ -406,7 +408,8 @@ class _FusedTerms(torch.autograd.Function):
         n, d = student.shape
         dev = student.device
         inv_t = 1.0 / temperature
-        kl_grad = (need_s or need_v) and lambda_sds != 0.0
+        kl_on = lambda_sds != 0.0  # at lambda_sds 0 the term is 0: no logits (a third of a CPU step)
+        kl_grad = (need_s or need_v) and kl_on
         das_grad = need_s and lambda_das != 0.0
         with _no_autocast(dev):
             e = vocab.to(cdt)  # one V x d copy only for a low-precision vocabulary
@@ -421,9 +424,11 @@ class _FusedTerms(torch.autograd.Function):
                 w_c = weights[start:stop].to(cdt)
                 norm, u, diff, sq = _direction_rows(s_c, t_c, eps)
                 das_rows[start:stop] = sq
-                kl, dz = _kl_rows_chunk(s_c, t_c, e, inv_t, reverse,
-                                        w_c * (inv_t * lambda_sds) if kl_grad else None)
-                total_sds.add_(torch.dot(w_c, kl))
+                kl = dz = None
+                if kl_on:
+                    kl, dz = _kl_rows_chunk(s_c, t_c, e, inv_t, reverse,
+                                            w_c * (inv_t * lambda_sds) if kl_grad else None)
+                    total_sds.add_(torch.dot(w_c, kl))
                 if need_s:
                     if das_grad:
                         g = _direction_grad_(norm, u, diff, w_c * (2.0 * lambda_das), eps)
