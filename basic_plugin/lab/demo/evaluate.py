@@ -91,6 +91,93 @@ def compare_paired(a: Sequence[bool], b: Sequence[bool], *, iters: int = 10000, 
             "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 
+def compare_seeds(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], *, iters: int = 10000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """B vs A over several training seeds, paired by image within each seed (same images in every seed).
+
+    ``a[s][i]``, ``b[s][i]``: whether model A / B (trained with seed ``s``) got image ``i`` right.
+    Returns the per-seed accuracies and differences, how many seeds go each way, the pooled
+    difference (mean over all image x seed pairs) with a percentile interval from resampling the
+    images (the same resampled images in every seed, so an image that is hard for every seed counts
+    once per draw), and the mean of the per-seed differences with a t interval over seeds (it
+    reflects the seed-to-seed spread, which the image resampling does not).
+    """
+    import numpy as np
+
+    A = np.asarray(a, dtype=np.float64)
+    B = np.asarray(b, dtype=np.float64)
+    if A.shape != B.shape or A.ndim != 2 or A.size == 0:
+        raise ValueError(f"need two equal (seeds, images) outcome tables; got {A.shape} and {B.shape}")
+    seeds, n = A.shape
+    per_seed = (B - A).mean(axis=1)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n, size=(iters, n))  # the resampled images of each draw, shared by the seeds
+    stats = np.sort(sum((B[s] - A[s])[picks].mean(axis=1) for s in range(seeds)) / seeds)
+    lo = float(stats[int(np.floor((1 - level) / 2 * iters))])
+    hi = float(stats[min(iters - 1, int(np.ceil((1 + level) / 2 * iters)) - 1)])
+    out = {"seeds": seeds, "n_per_seed": n, "acc_a": A.mean(axis=1).tolist(), "acc_b": B.mean(axis=1).tolist(),
+           "per_seed_diff": per_seed.tolist(), "diff": float(per_seed.mean()), "diff_ci": (lo, hi),
+           "seeds_ahead": int((per_seed > 0).sum()), "seeds_behind": int((per_seed < 0).sum()),
+           "seeds_tied": int((per_seed == 0).sum())}
+    if seeds > 1:
+        from math import sqrt
+
+        t = student_t_quantile((1 + level) / 2, seeds - 1)
+        half = t * float(per_seed.std(ddof=1)) / sqrt(seeds)
+        out["seed_mean_ci"] = (out["diff"] - half, out["diff"] + half)
+    return out
+
+
+def student_t_quantile(q: float, df: int) -> float:
+    """Quantile of Student's t with ``df`` degrees of freedom (bisection on the exact CDF via the
+    regularised incomplete beta function, computed by its continued fraction)."""
+    if not 0 < q < 1 or df < 1:
+        raise ValueError("need 0 < q < 1 and df >= 1")
+
+    def cdf(t: float) -> float:
+        x = df / (df + t * t)
+        tail = 0.5 * _betainc(df / 2, 0.5, x)
+        return 1 - tail if t > 0 else tail
+
+    lo, hi = -1e3, 1e3
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if cdf(mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return (lo + hi) / 2
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b) (Numerical Recipes' continued fraction, Lentz's method)."""
+    if x <= 0:
+        return 0.0
+    if x >= 1:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - _betainc(b, a, 1 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for k in (0, 1):
+            if k == 0:
+                num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+            else:
+                num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f / a
+
+
 # -- candidate scoring -----------------------------------------------------------------------
 def candidate_ids(tokenizer, captions: Sequence[str], sep: str = "\n") -> Tuple[List[int], List[List[int]]]:
     """``(prefix ids, [caption ids])`` as LLaVA's ``plain`` template tokenizes ``<image>caption<sep>``.

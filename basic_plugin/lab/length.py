@@ -1,0 +1,151 @@
+"""``basic-llava length``: the training length of the grid, chosen on the monitor arm alone.
+
+Before any BASIC setting is compared, the yardstick is fixed: the monitor arm (BASIC on with both
+lambdas 0, which trains bit for bit like the baseline) trains for the longest length with every
+seed, saving its projector along the way, and each saved projector is scored on the **validation**
+split (calibrated zero-shot accuracy). The chosen length is the shortest one at which every seed
+is clearly above chance (calibrated accuracy >= ``--threshold``, 30% by default, chance is 10%);
+when no length gets there, the longest is chosen and the report says so plainly.
+
+A point of the curve below the longest length is a checkpoint of the longest run: the same batches
+as a run of that length (same data, seed and order), but its learning rate has not finished its
+cosine decay, so it tends to understate what a run of that length reaches. The sweep then trains
+the monitor arm at the chosen length for real, and its validation accuracy per seed is the check.
+
+    basic-llava length --out runs/grid          # then: basic-llava sweep --out runs/grid --final-test
+
+Outputs under ``--out``: ``length.json``, ``length.md``, ``length.png``; the runs are the sweep's
+own (``<out>/steps<N>/monitor/seed<s>``), so the sweep reuses them when it trains that length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+LENGTHS = (100, 200, 300, 400)
+THRESHOLD = 0.30
+
+
+def choose_length(curve: Dict[int, List[float]], threshold: float = THRESHOLD) -> dict:
+    """The shortest length whose every seed reaches ``threshold`` (calibrated accuracy), else the longest.
+
+    ``curve``: ``{steps: [calibrated validation accuracy per seed]}``.
+    """
+    if not curve:
+        raise ValueError("no lengths to choose from")
+    lengths = sorted(curve)
+    for steps in lengths:
+        if min(curve[steps]) >= threshold:
+            return {"chosen_steps": steps, "all_seeds_above": True,
+                    "why": f"the shortest length at which every seed reaches {100 * threshold:.0f}% calibrated on "
+                           f"validation (lowest seed {100 * min(curve[steps]):.1f}%)"}
+    longest = lengths[-1]
+    return {"chosen_steps": longest, "all_seeds_above": False,
+            "why": f"no length gets every seed to {100 * threshold:.0f}% calibrated on validation; the longest, "
+                   f"{longest} steps, is used (lowest seed {100 * min(curve[longest]):.1f}%)"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from basic_plugin.lab.sweep import add_workspace_options
+
+    p = argparse.ArgumentParser(prog="basic-llava length", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    add_workspace_options(p)
+    p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
+                   help="comma-separated training lengths in steps, each a multiple of --save-every "
+                        f"(default {','.join(map(str, LENGTHS))})")
+    p.add_argument("--threshold", type=float, default=THRESHOLD,
+                   help=f"calibrated validation accuracy every seed must reach (default {THRESHOLD})")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import sys
+
+    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.sweep import (MONITOR_FLAGS, checkpoints, evaluate_run, in_pairs, train_run, workspace)
+
+    args = build_parser().parse_args(strip_separator(argv))
+    try:
+        lengths = sorted({int(x) for x in args.lengths.split(",") if x.strip()})
+    except ValueError:
+        lengths = []
+    if not lengths or lengths[0] < 1:
+        print(f"error: --lengths {args.lengths!r} is invalid; allowed: comma-separated integers >= 1", file=sys.stderr)
+        return 2
+    ws = workspace(args)
+    bad = [n for n in lengths if n % ws.cfg["save_every"]]
+    if bad:
+        print(f"error: --lengths {args.lengths}: {bad} not multiples of --save-every {ws.cfg['save_every']}; "
+              "allowed: multiples of it", file=sys.stderr)
+        return 2
+    longest, seeds = lengths[-1], list(range(ws.cfg["seeds"]))
+
+    def train_and_score(seed):
+        run = train_run(ws, "monitor", seed, longest, MONITOR_FLAGS)
+        saved = checkpoints(run)
+        missing = [n for n in lengths[:-1] if n not in saved]
+        if missing:
+            raise RuntimeError(f"{run}: no checkpoint for steps {missing}")
+        folders = {n: saved[n] for n in lengths[:-1]}
+        folders[longest] = run
+        return {n: evaluate_run(ws, folder, "val") for n, folder in folders.items()}
+
+    per_seed = in_pairs(seeds, train_and_score)
+    rows = [{"steps": n, "calibrated": [per_seed[s][n]["calibrated_accuracy"] for s in seeds],
+             "raw": [per_seed[s][n]["accuracy"] for s in seeds],
+             "caption_loss": [statistics.fmean(per_seed[s][n]["true_nll"]) for s in seeds]} for n in lengths]
+    report = {"seeds": seeds, "threshold": args.threshold, "rows": rows,
+              **choose_length({r["steps"]: r["calibrated"] for r in rows}, args.threshold)}
+    (ws.out / "length.json").write_text(json.dumps(report, indent=1))
+    (ws.out / "length.md").write_text(markdown(report))
+    plot(report, ws.out / "length.png")
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    seeds, rows = report["seeds"], report["rows"]
+    lines = ["The monitor arm's calibrated validation accuracy (%) against training steps (checkpoints of one "
+             f"{rows[-1]['steps']}-step run per seed):", "",
+             "| steps | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | lowest | raw, mean | caption loss, mean |",
+             "|---:|" + "---:|" * (len(seeds) + 4)]
+    for r in rows:
+        cal = r["calibrated"]
+        lines.append(f"| {r['steps']} | " + " | ".join(f"{100 * x:.1f}" for x in cal) +
+                     f" | {100 * statistics.fmean(cal):.1f} | {100 * min(cal):.1f} | {100 * statistics.fmean(r['raw']):.1f} | "
+                     f"{statistics.fmean(r['caption_loss']):.3f} |")
+    lines += ["", f"Chosen: **{report['chosen_steps']} steps**: {report['why']}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    lengths = [r["steps"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for i, s in enumerate(report["seeds"]):
+        ax.plot(lengths, [100 * r["calibrated"][i] for r in rows], marker="o", lw=1.2, label=f"seed {s}")
+    ax.plot(lengths, [100 * statistics.fmean(r["calibrated"]) for r in rows], color="black", lw=2.2, label="mean")
+    ax.axhline(100 * report["threshold"], color="C3", ls="--", lw=1, label=f"threshold {100 * report['threshold']:.0f}%")
+    ax.axhline(10, color="0.7", ls=":", lw=1, label="chance")
+    ax.axvline(report["chosen_steps"], color="0.5", lw=1)
+    ax.set_xlabel("training steps (batch 8)")
+    ax.set_ylabel("calibrated validation accuracy (%)")
+    ax.set_title("monitor arm (= baseline): length curve", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
