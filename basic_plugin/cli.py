@@ -47,6 +47,7 @@ JOBS = {
     "data": ("basic_plugin.lab.demo.data", "build the demo's LLaVA-format datasets from packaged images"),
     "demo": ("basic_plugin.lab.demo.run", "the CPU demo: baseline vs BASIC on a real mini-LLaVA, with a report"),
     "lens": ("basic_plugin.lab.lens", "per-layer nearest-word analysis of image tokens for a LLaVA checkpoint"),
+    "channels": ("basic_plugin.lab.channels", "where BASIC's target keeps its energy, per layer and token (before training)"),
     "length": ("basic_plugin.lab.length", "the grid's training length, chosen on the monitor arm alone (resumable)"),
     "sweep": ("basic_plugin.lab.sweep", "BASIC's settings on the demo's model, chosen on a validation split (resumable)"),
     "preflight": ("basic_plugin.host.preflight", "check a LLaVA dataset as training would (same flags), loading no model"),

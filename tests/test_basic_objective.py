@@ -30,6 +30,12 @@ def tiny_paths(tmp_path_factory):
     return build_tiny_llava(tmp_path_factory.mktemp("tiny-basic"), layers=4)
 
 
+def tiny_tokenizer(paths):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(paths["lm"], use_fast=False)
+
+
 def make_model(paths, attn="sdpa", padding_side="right", max_length=64):
     load_plugins()
     torch.manual_seed(0)
@@ -47,10 +53,10 @@ def make_model(paths, attn="sdpa", padding_side="right", max_length=64):
     return model
 
 
-def ready(model, pretraining=False, **overrides):
+def ready(model, pretraining=False, tokenizer=None, **overrides):
     args = types.SimpleNamespace(**{**asdict(BasicArguments()), "basic": True, "basic_depth": DEPTH,
                                     "tune_mm_mlp_adapter": pretraining, **overrides})
-    bind(model, [o for o in [basic.llava_objective(model=model, tokenizer=None, training_args=args,
+    bind(model, [o for o in [basic.llava_objective(model=model, tokenizer=tokenizer, training_args=args,
                                                    data_args=None)] if o is not None])
     model.train()
     return model
@@ -74,8 +80,11 @@ def make_batch(samples, n_images=None, seed=0):
 BATCH = [[1, I, 5, 6, 7, 8, 2], [1, 9, I, 10, 11, 2], [1, 12, 13, 2], [1, I, 14, I, 15, 16, 2]]
 
 
-def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0):
-    """float64 L_das and L_sds from the eager model's attentions, formulas written out."""
+def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0, drop=(), standardize=False):
+    """float64 L_das and L_sds from the eager model's attentions, formulas written out.
+
+    ``standardize``: each channel of the targets of all the batch's image rows to mean 0 and
+    (population) std 1; ``drop``: those channels set to zero in v and in the target."""
     with torch.no_grad():
         feats = model.encode_images(batch["images"])
         _, _, mask, _, embeds, labels = model.prepare_inputs_labels_for_multimodal(
@@ -89,6 +98,7 @@ def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0):
     flat = feats.reshape(-1, feats.shape[-1])
     das_sum = sds_sum = 0.0
     n_samples = 0
+    found = []  # (a_i, v_i, vhat_i) of every image row of the batch
     B, L = mask.shape
     for b in range(B):
         # image rows: positions whose input embedding equals some projector output row
@@ -126,16 +136,23 @@ def reference_terms(model, batch, *, depth, weights_mode, kl, temperature=1.0):
             a = {i: v / z for i, v in a.items()}
         w = [l * l for l in range(1, depth + 1)]
         for i in rows:
-            v = hs[0][b, i]
             t = sum(w[l - 1] * hs[l][b, i] for l in range(1, depth + 1)) / sum(w)
-            das_sum += a[i] * float(((v / v.norm() - t / t.norm()) ** 2).sum())
-            logp = torch.log_softmax(E @ t / temperature, -1)
-            logq = torch.log_softmax(E @ v / temperature, -1)
-            if kl == "forward":
-                kl_i = float((logp.exp() * (logp - logq)).sum())
-            else:
-                kl_i = float((logq.exp() * (logq - logp)).sum())
-            sds_sum += a[i] * kl_i
+            found.append((a[i], hs[0][b, i].clone(), t))
+    if standardize:
+        ts = torch.stack([t for _, _, t in found])
+        mean, std = ts.mean(0), ((ts - ts.mean(0)) ** 2).mean(0).sqrt()
+        found = [(a_i, v, (t - mean) / std) for a_i, v, t in found]
+    for a_i, v, t in found:
+        for c in drop:
+            v[c] = t[c] = 0.0
+        das_sum += a_i * float(((v / v.norm() - t / t.norm()) ** 2).sum())
+        logp = torch.log_softmax(E @ t / temperature, -1)
+        logq = torch.log_softmax(E @ v / temperature, -1)
+        if kl == "forward":
+            kl_i = float((logp.exp() * (logp - logq)).sum())
+        else:
+            kl_i = float((logq.exp() * (logq - logp)).sum())
+        sds_sum += a_i * kl_i
     return das_sum / n_samples, sds_sum / n_samples, float(out.loss)
 
 
@@ -156,6 +173,73 @@ def test_terms_match_float64_reference(tiny_paths, weights_mode, kl, temperature
     assert terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)
     assert out.loss.item() == pytest.approx(lm + das + 0.5 * sds, rel=1e-5)
     assert das > 0 and sds > 0
+
+
+@pytest.mark.parametrize("drop,standardize,kl", [("3", False, "forward"), ("0", True, "reverse"),
+                                                  ("5", True, "forward")])
+def test_target_variants_match_float64_reference(tiny_paths, drop, standardize, kl):
+    """--basic_drop_channels N / --basic_standardize_target inside LLaVA's real forward, against the
+    formulas written out in float64 (the channels: the top N of the probe statistic, recomputed here)."""
+    from basic_plugin.basic.channels import channel_statistic, choose_channels, probe_ids, probe_states
+
+    model = make_model(tiny_paths, attn="sdpa")
+    tokenizer = tiny_tokenizer(tiny_paths)
+    ready(model, tokenizer=tokenizer, basic_drop_channels=drop, basic_standardize_target=standardize, basic_kl=kl,
+          basic_lambda_sds=0.5, basic_sds_chunk_size=5)
+    settings = binding_of(model).objectives[0].settings
+    # the channels: the N largest mean |h| (over the probe's tokens and layers 1..k) relative to the median
+    ids = probe_ids(tokenizer)
+    with torch.no_grad():
+        hs = LlamaForCausalLM.forward(model, input_ids=ids, output_hidden_states=True).hidden_states
+    mags = torch.stack([hs[l][0].double().abs().mean(0) for l in range(1, DEPTH + 1)]).mean(0)
+    expected = torch.argsort(mags, descending=True).tolist()[:int(drop)]
+    assert list(settings.drop_channels) == expected and settings.standardize_target is standardize
+    assert choose_channels(channel_statistic(probe_states(model, ids, DEPTH)), drop) == expected
+    eager = make_model(tiny_paths, attn="eager")
+    eager.load_state_dict(model.state_dict())
+    batch = make_batch(BATCH)
+    out = model(**batch)
+    terms = last_step(model).terms
+    das, sds, lm = reference_terms(eager, batch, depth=DEPTH, weights_mode="raw", kl=kl,
+                                   drop=expected, standardize=standardize)
+    plain_das, plain_sds, _ = reference_terms(eager, batch, depth=DEPTH, weights_mode="raw", kl=kl)
+    assert terms["basic_das"].item() == pytest.approx(das, rel=1e-4, abs=1e-7)
+    assert terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=1e-7)
+    assert out.loss.item() == pytest.approx(lm + das + 0.5 * sds, rel=1e-5)
+    # the variant changes the terms (the tiny model's L_sds is small: relative)
+    assert abs(das - plain_das) > 1e-3 * plain_das and abs(sds - plain_sds) > 1e-3 * plain_sds
+
+
+def test_dropped_channels_get_no_basic_gradient(tiny_paths):
+    """Through the real forward: BASIC's gradient at the projector output (the run's gradient minus the
+    monitor run's, same weights and batch) is exactly zero in the dropped channels, and not elsewhere."""
+    import dataclasses
+
+    model = ready(make_model(tiny_paths), pretraining=True, tokenizer=tiny_tokenizer(tiny_paths),
+                  basic_drop_channels="4", basic_lambda_sds=0.3)
+    objective = binding_of(model).objectives[0]
+    channels = list(objective.settings.drop_channels)
+    assert len(channels) == 4
+    batch = make_batch(BATCH)
+    grads = {}
+    for name, lambdas in (("basic", {}), ("monitor", {"lambda_das": 0.0, "lambda_sds": 0.0})):
+        objective.settings = dataclasses.replace(objective.settings, **lambdas)
+        captured = []
+
+        def keep(module, args, output):
+            output.retain_grad()
+            captured.append(output)
+
+        hook = model.get_model().mm_projector.register_forward_hook(keep)
+        try:
+            model(**batch).loss.backward()
+        finally:
+            hook.remove()
+        grads[name] = captured[0].grad.clone()
+    basic = grads["basic"] - grads["monitor"]
+    assert torch.count_nonzero(basic[..., channels]) == 0
+    kept = [c for c in range(basic.shape[-1]) if c not in channels]
+    assert basic[..., kept].abs().max() > 1e-6
 
 
 def test_image_rows_of_the_llm_input_are_the_projector_output(tiny_paths):

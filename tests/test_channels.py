@@ -70,7 +70,66 @@ def test_image_token_states_are_the_refined_target_of_the_forward(tiny_llava, tm
     # l^2 weights for k = 2: 1/5 and 4/5
     assert torch.allclose(vhat, (hs[1][mask].double() / 5 + 4 * hs[2][mask].double() / 5).float(), atol=1e-5)
     assert torch.allclose(v, hs[0][mask]) and v.shape[0] == mask.sum() and mask[0].sum() > 1
-    assert main(["--model-path", str(run), "--model-base", str(tiny_llava["lm"]), "--images", *map(str, files),
-                 "--depth", "2", "--top", "2", "--json", str(tmp_path / "c.json")]) == 0
-    saved = json.loads((tmp_path / "c.json").read_text())[str(run)]
+    assert main(["--llm", str(tiny_llava["lm"]), "--runs", str(run), "--images", *map(str, files), "--depth", "2",
+                 "--top", "2", "--json", str(tmp_path / "c.json"), "--plot", str(tmp_path / "c.png")]) == 0
+    report = json.loads((tmp_path / "c.json").read_text())
+    saved = report["images"][str(run)]
     assert saved["tokens"] == v.shape[0] and saved["cos"] == pytest.approx(channel_shares(v, vhat, 2)["cos"], rel=1e-4)
+    assert saved["candidates"]["paper"]["per_token"] == pytest.approx(_top_share(vhat.double().numpy(), 2), rel=1e-6)
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def _top_share(x, top):
+    """Mean over rows of the part of each row's squared norm in its own ``top`` largest channels (numpy)."""
+    sq = x ** 2
+    return float(np.mean(np.sort(sq, axis=1)[:, -top:].sum(1) / sq.sum(1)))
+
+
+def test_concentration_against_numpy():
+    from basic_plugin.lab.channels import concentration
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 13))
+    x[:4, 5] *= 30
+    c = concentration(torch.tensor(x), top=3)
+    assert c["per_token"] == pytest.approx(_top_share(x, 3))
+    pooled = (x ** 2).sum(0)
+    assert c["pooled"] == pytest.approx(np.sort(pooled)[-3:].sum() / pooled.sum())
+    assert c["pooled_channels"][0] == 5 and c["uniform"] == pytest.approx(3 / 13)
+    assert c["per_token_q10_q50_q90"][1] == pytest.approx(np.quantile(np.sort(x ** 2, 1)[:, -3:].sum(1) / (x ** 2).sum(1), 0.5))
+
+
+def test_channels_command_on_the_llm_alone(tiny_llava, tmp_path):
+    """No projector, no image: the text probe's per-layer table, what auto would drop (the statistic recomputed
+    here), and each candidate target's concentration, standardised and RMSNorm-read written out by hand."""
+    from basic_plugin.basic.channels import probe_ids
+    from basic_plugin.lab.channels import _llm_only, main
+
+    assert main(["--llm", str(tiny_llava["lm"]), "--depth", "2", "--drop", "3", "--json", str(tmp_path / "t.json"),
+                 "--plot", str(tmp_path / "t.png")]) == 0
+    report = json.loads((tmp_path / "t.json").read_text())["text"]
+    tokenizer, model = _llm_only(Path(tiny_llava["lm"]))
+    with torch.no_grad():
+        hs = model.get_model()(input_ids=probe_ids(tokenizer), output_hidden_states=True).hidden_states
+    h = [hs[l][0].double().numpy() for l in (1, 2)]
+    mags = np.mean([np.abs(x).mean(0) for x in h], axis=0)
+    ratio = mags / np.median(mags)
+    assert report["drop"]["channels"] == list(np.argsort(-ratio, kind="stable")[:3])
+    assert report["drop"]["ratios"] == pytest.approx(sorted(ratio)[::-1][:3])
+    assert [r["layer"] for r in report["layers"]] == [1, 2] and report["tokens"] == h[0].shape[0]
+    vhat = h[0] / 5 + 4 * h[1] / 5
+    std = (vhat - vhat.mean(0)) / vhat.std(0)
+    assert report["candidates"]["standardize"]["per_token"] == pytest.approx(_top_share(std, 5), rel=1e-6)
+    dropped = vhat.copy()
+    dropped[:, report["drop"]["channels"]] = 0
+    assert report["candidates"]["drop"]["per_token"] == pytest.approx(_top_share(dropped, 5), rel=1e-6)
+    layers = model.get_model().layers
+    eps = model.config.rms_norm_eps
+
+    def rms(x, layer):
+        g = layers[layer].input_layernorm.weight.double().numpy()
+        return g * x / np.sqrt((x ** 2).mean(1, keepdims=True) + eps)
+
+    read = rms(h[0], 1) / 5 + 4 * rms(h[1], 2) / 5
+    assert report["candidates"]["llm_read"]["per_token"] == pytest.approx(_top_share(read, 5), rel=1e-4)
+    assert (tmp_path / "t.png").is_file()

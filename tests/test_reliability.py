@@ -50,6 +50,9 @@ def parse(parser, tiny_llava, out, *extra, stage="pretrain"):
     (["--basic_lambda_das", "inf"], "--basic_lambda_das inf is invalid; allowed: a finite number"),
     (["--basic_temperature", "inf"], "--basic_temperature inf is invalid; allowed: a finite number"),
     (["--data_preflight", "sometimes"], "invalid choice"),
+    (["--basic_drop_channels", "many"], "--basic_drop_channels 'many' is invalid; allowed: 0 (none), auto, or an integer"),
+    (["--basic_drop_channels", "-2"], "--basic_drop_channels '-2' is invalid"),
+    (["--basic_drop_channels", "2.5"], "--basic_drop_channels '2.5' is invalid"),
 ])
 def test_invalid_settings_are_refused_while_parsing(host_parser, tiny_llava, tmp_path, extra, message, capsys):
     out = tmp_path / "out"

@@ -81,6 +81,25 @@ def test_basic_finetune_zero3_two_ranks_with_text_only_samples(tiny_llava, tiny_
     assert any(out.glob("*.safetensors")) or any(out.glob("*.bin"))
 
 
+@pytest.mark.parametrize("zero,stage,data", [("zero3", "finetune", "tiny_data_v1"), ("zero2", "pretrain", "tiny_data_plain")])
+def test_target_variants_two_ranks_train_with_the_same_channels(tiny_llava, zero, stage, data, request, tmp_path):
+    """--basic_drop_channels N and --basic_standardize_target under ZeRO-2/3 with 2 ranks through LLaVA's
+    train(): the probe runs under ZeRO-3's partitioned weights, and although rank 1 is made to choose its
+    channels differently (tests/_rank_channels_train.py), both ranks train with rank 0's."""
+    out = tmp_path / "run"
+    run = run_training("tests._rank_channels_train",
+                       args_for(tiny_llava, request.getfixturevalue(data), out, stage=stage, max_steps=2,
+                                deepspeed_config=zero, gradient_checkpointing=zero == "zero3",
+                                extra=["--basic", "True", "--basic_drop_channels", "3",
+                                       "--basic_standardize_target", "True", "--basic_lambda_sds", "0.5"]),
+                       output_dir=out, deepspeed_ranks=2)
+    ranks = [json.loads((out / f"channels-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == 3 and ranks[0] == ranks[1]
+    assert "--basic_drop_channels 3: leaving channels " in run["output"]
+    assert all_finite(run["losses"]) and all(v > 0 for v in logged(run, "basic_das"))
+    assert_loss_is_sum_of_terms(run, ["basic_das", "basic_sds"])
+
+
 def test_basic_lora_finetune_zero2(tiny_llava, tiny_data_v1, tmp_path):
     out = tmp_path / "run"
     # --mm_projector_lr as in LLaVA's finetune_lora.sh: an empty parameter group that vanilla LLaVA

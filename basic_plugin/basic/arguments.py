@@ -37,6 +37,13 @@ class BasicArguments:
         "help": "Image-token rows per chunk of the full-vocabulary KL (memory: chunk x vocab fp32)."})
     basic_query_chunk: int = field(default=256, metadata={
         "help": "Text query rows per chunk when recomputing patch weights."})
+    basic_drop_channels: str = field(default="0", metadata={
+        "help": "Leave the LLM's massive-activation channels out of both terms: 0 (the paper: none), auto "
+                "(channels whose mean |h| over a fixed text probe at layers 1..k is >= 10x the median channel's, "
+                "found before training and logged), or N (the N largest by that statistic)."})
+    basic_standardize_target: bool = field(default=False, metadata={
+        "help": "Standardise each channel of the refined target over the micro-batch's image tokens (zero mean, "
+                "unit variance) before both terms, so no channel leads the direction by its scale alone."})
     basic_pretrain: bool = field(default=True, metadata={
         "help": "Apply BASIC in projector pretraining (--tune_mm_mlp_adapter True)."})
     basic_finetune: bool = field(default=True, metadata={
@@ -69,6 +76,9 @@ def validate_basic_arguments(args) -> None:
                           ("basic_kl", KL_CHOICES)):
         if getattr(args, flag) not in choices:
             bad(flag, getattr(args, flag), "|".join(choices))
+    spec = str(args.basic_drop_channels).strip()
+    if spec != "auto" and not (spec.isdigit() and spec.isascii()):
+        bad("basic_drop_channels", args.basic_drop_channels, "0 (none), auto, or an integer N >= 0")
     if args.basic_guard not in ("warn", "stop", "off"):
         bad("basic_guard", args.basic_guard, "warn|stop|off")
     if args.basic_guard_window < 1:

@@ -8,7 +8,8 @@ averages them at logging steps):
   tokens of the same image, for the projector output v and the target vhat (collapse onto
   one direction shows as a value near 1);
 - ``basic_v_norm`` / ``basic_vhat_norm``: mean L2 norm of those tokens;
-- ``basic_weighted_cos``: the a_i-weighted cosine between v_i and vhat_i (what L_das pulls up);
+- ``basic_weighted_cos``: the a_i-weighted cosine between v_i and vhat_i as the terms compare them
+  (with ``--basic_drop_channels`` / ``--basic_standardize_target`` applied: what L_das pulls up);
 - ``basic_share``: BASIC's part of the loss, (das + sds) / (lm + das + sds), lambdas included.
 """
 from __future__ import annotations
@@ -34,12 +35,15 @@ def mean_pairwise_cosine(rows: torch.Tensor, image_index: torch.Tensor, num_imag
     return torch.where(valid, per_image, torch.zeros_like(per_image)).sum() / valid.sum().clamp_min(1)
 
 
-def health_metrics(student, target, weights, image_index, num_images, lm_loss, das, sds) -> dict:
-    """The metrics above for one batch (``weights``: a_i as used by the losses)."""
+def health_metrics(student, target, weights, image_index, num_images, lm_loss, das, sds, compared=None) -> dict:
+    """The metrics above for one batch (``weights``: a_i as used by the losses; ``compared``: (v, vhat) as
+    the terms compare them, when a target variant changes them; norms and pairwise cosines stay v's and vhat's)."""
     with torch.no_grad():
         student, target = student.detach().float(), target.detach().float()
+        s_cmp, t_cmp = (student, target) if compared is None else (compared[0].detach().float(),
+                                                                   compared[1].detach().float())
         if student.shape[0]:
-            cos = torch.nn.functional.cosine_similarity(student, target, dim=-1)
+            cos = torch.nn.functional.cosine_similarity(s_cmp, t_cmp, dim=-1)
             w = weights.detach().float()
             weighted = (w * cos).sum() / w.sum().clamp_min(1e-12)
             v_norm, vhat_norm = student.norm(dim=-1).mean(), target.norm(dim=-1).mean()

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from basic_plugin.basic.channels import keep_mask, standardize_rows
 from basic_plugin.basic.health import health_metrics
 from basic_plugin.basic.target import target_layers
 from basic_plugin.basic.losses import basic_terms_fused, refined_target
@@ -25,6 +26,8 @@ class BasicSettings:
     kl: str = "forward"
     sds_chunk_size: int | None = 256
     query_chunk: int = 256
+    drop_channels: tuple = ()  # channels left out of both terms (--basic_drop_channels, resolved)
+    standardize_target: bool = False
 
 
 def decoder_layers(model):
@@ -99,13 +102,14 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
     samples = positions.has_image.sum().clamp_min(1).to(torch.float32)
     per_batch = (weights / samples).detach()
     vocab = vocabulary_matrix(model, settings)
+    s_used, t_used = compared_rows(student, target, settings)
     # lambda_das L_das and lambda_sds L_sds from one pass that writes both student gradients
     # into one buffer (values as direction_loss / distribution_loss; both enter the loss as a sum)
-    das, sds = basic_terms_fused(student, target, vocab, per_batch, settings.lambda_das, settings.lambda_sds,
+    das, sds = basic_terms_fused(s_used, t_used, vocab, per_batch, settings.lambda_das, settings.lambda_sds,
                                  temperature=settings.temperature, reverse=settings.kl == "reverse",
                                  chunk_size=settings.sds_chunk_size)
     with torch.no_grad():
-        cos = torch.nn.functional.cosine_similarity(student.float(), target.float(), dim=-1)
+        cos = torch.nn.functional.cosine_similarity(s_used.float(), t_used.float(), dim=-1)
         metrics = {
             "basic_cos": cos.mean() if cos.numel() else cos.new_zeros(()),
             "basic_weight_mass": raw.sum() / samples,
@@ -113,5 +117,17 @@ def basic_terms(model, settings: BasicSettings, batch, outputs, positions):
         }
     losses = {"basic_das": das, "basic_sds": sds}
     metrics.update(health_metrics(student, target, weights, positions.image_index, batch.image_features.shape[0],
-                                  outputs.loss, losses["basic_das"], losses["basic_sds"]))
+                                  outputs.loss, losses["basic_das"], losses["basic_sds"], compared=(s_used, t_used)))
     return losses, metrics
+
+
+def compared_rows(student: torch.Tensor, target: torch.Tensor, settings: BasicSettings):
+    """``(v, vhat)`` as both terms compare them: the target standardised per channel
+    (``--basic_standardize_target``), then the dropped channels zeroed in both
+    (``--basic_drop_channels``; the student's gradient there is zero). The paper: unchanged."""
+    if settings.standardize_target:
+        target = standardize_rows(target)
+    keep = keep_mask(settings.drop_channels, student.shape[-1], student.device, student.dtype)
+    if keep is not None:
+        student, target = student * keep, target * keep.to(target.dtype)
+    return student, target

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from basic_plugin import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
+from basic_plugin.basic.channels import describe, find_massive_channels
 from basic_plugin.basic.guard import Guard
 from basic_plugin.basic.target import default_depth, depth_range, valid_depth
 from basic_plugin.basic.objective import BasicSettings, basic_terms
@@ -61,8 +62,12 @@ def supported_model(model) -> bool:
     return isinstance(model, LlavaMetaForCausalLM) and isinstance(model, (LlamaForCausalLM, MistralForCausalLM))
 
 
-def settings_for(model, training_args) -> BasicSettings | None:
-    """BASIC's settings for this run, or None when BASIC is off for this stage."""
+def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
+    """BASIC's settings for this run, or None when BASIC is off for this stage.
+
+    With ``--basic_drop_channels`` other than 0 the channels are found here, from the LLM and
+    ``tokenizer`` (:func:`basic_plugin.basic.channels.find_massive_channels`), and logged once.
+    """
     if not getattr(training_args, "basic", False):
         return None
     pretraining = bool(getattr(training_args, "tune_mm_mlp_adapter", False))
@@ -75,12 +80,22 @@ def settings_for(model, training_args) -> BasicSettings | None:
     depth = training_args.basic_depth or default_depth(layers)
     if not valid_depth(depth, layers):
         raise ValueError(f"--basic_depth {depth} is out of range; allowed: {depth_range(layers)} for this LLM")
+    spec = str(getattr(training_args, "basic_drop_channels", "0")).strip()
+    channels: tuple = ()
+    if spec not in ("0", ""):
+        if tokenizer is None:
+            raise ValueError(f"--basic_drop_channels {spec} needs the run's tokenizer to run its text probe")
+        found = find_massive_channels(model, tokenizer, depth, spec)
+        channels = tuple(found["channels"])
+        if getattr(training_args, "process_index", 0) == 0:
+            print(f"[basic] {describe(found, spec)}", flush=True)
     return BasicSettings(
         depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,
         temperature=training_args.basic_temperature, vocab=training_args.basic_vocab,
         detach_vocab=training_args.basic_detach_vocab, patch_weights=training_args.basic_patch_weights,
         kl=training_args.basic_kl, sds_chunk_size=training_args.basic_sds_chunk_size,
-        query_chunk=training_args.basic_query_chunk,
+        query_chunk=training_args.basic_query_chunk, drop_channels=channels,
+        standardize_target=bool(getattr(training_args, "basic_standardize_target", False)),
     )
 
 
@@ -102,7 +117,7 @@ class BasicObjective:
 
 @hookimpl
 def llava_objective(model, tokenizer, training_args, data_args):
-    settings = settings_for(model, training_args)
+    settings = settings_for(model, training_args, tokenizer)
     if settings is None:
         return None
     guard = Guard(mode=getattr(training_args, "basic_guard", "warn"),

@@ -10,6 +10,12 @@ name            flags (after ``--basic True``)                              ques
 monitor         ``--basic_lambda_das 0 --basic_lambda_sds 0``               the baseline, with BASIC's curves
 paper           (none: the paper's defaults)                                the paper's weights
 das_only        ``--basic_lambda_sds 0``                                    the direction term alone
+drop            ``--basic_drop_channels auto``                              the target without the LLM's
+                                                                            massive-activation channels
+drop_das        ``--basic_drop_channels auto --basic_lambda_sds 0``         ... with the direction term alone
+std             ``--basic_standardize_target True``                         the target standardised per
+                                                                            channel
+std_das         ``--basic_standardize_target True --basic_lambda_sds 0``    ... with the direction term alone
 ==============  ==========================================================  ===============================
 
 ``--configs`` also takes the earlier grid's one-factor settings: ``sds_only`` (lambda_das 0),
@@ -50,6 +56,10 @@ CONFIGS: Dict[str, List[str]] = {
     "monitor": MONITOR_FLAGS,
     "paper": [],
     "das_only": ["--basic_lambda_sds", "0"],
+    "drop": ["--basic_drop_channels", "auto"],
+    "drop_das": ["--basic_drop_channels", "auto", "--basic_lambda_sds", "0"],
+    "std": ["--basic_standardize_target", "True"],
+    "std_das": ["--basic_standardize_target", "True", "--basic_lambda_sds", "0"],
     # the earlier one-factor grid (docs/RESULTS.md): runnable with --configs, not in the default grid
     "sds_only": ["--basic_lambda_das", "0"],
     "das_0.3": ["--basic_lambda_das", "0.3"],
@@ -57,7 +67,7 @@ CONFIGS: Dict[str, List[str]] = {
     "uniform": ["--basic_patch_weights", "uniform"],
     "depth_L4": ["--basic_depth", "{L4}"],
 }
-GRID = ("monitor", "paper", "das_only")
+GRID = ("monitor", "paper", "das_only", "drop", "drop_das", "std", "std_das")
 SELECTION_METRIC = "calibrated_accuracy"
 REFERENCE = "monitor"  # BASIC on, both lambdas 0: trains bit for bit like the baseline
 DEFAULTS = {"batch": 8, "seeds": 4, "val": 300, "test": 300, "train_images": 3200, "save_every": 100}
