@@ -90,6 +90,30 @@ def test_pulls_and_the_command(tiny_run, tiny_llava, tiny_data_plain, tmp_path):
     saved = json.loads(out.read_text())[str(run)]
     assert saved["cos_das_lm"] == pytest.approx(r["cos_das_lm"], rel=1e-5, abs=1e-7)
     assert saved["top_channels"] == r["top_channels"] and saved["lambda_das"] == 1.0 and saved["norm_sds"] == 0.0
+    assert len(saved["massive_channels"]) == 0  # a random tiny LLM has no channel at 10x the median
+
+
+def test_where_the_direction_term_pulls_with_channels_dropped(tiny_run, tiny_llava):
+    """With --basic_drop_channels N the direction term's pull on those channels is zero, and its own top
+    channels (by gradient energy of the projector's output layer, written out here) are elsewhere."""
+    from transformers import AutoTokenizer
+
+    from basic_plugin.basic.channels import channel_statistic, choose_channels, probe_ids, probe_states
+    from basic_plugin.lab.pull import pulls, term_gradients
+
+    _, model, batches = tiny_run
+    tok = AutoTokenizer.from_pretrained(tiny_llava["lm"], use_fast=False)
+    flags = {"basic_depth": DEPTH, "basic_drop_channels": "4"}
+    r = pulls(model, batches, lambda_das=1.0, lambda_sds=0.0, overrides=flags, top=3, tokenizer=tok)
+    dropped = choose_channels(channel_statistic(probe_states(model, probe_ids(tok), DEPTH)), "4")
+    grads = term_gradients(model, batches, lambda_das=1.0, lambda_sds=0.0, overrides=flags, tokenizer=tok)
+    weight, bias = grads["das"][-2:]
+    per_channel = weight.pow(2).sum(1) + bias.pow(2)
+    assert per_channel[dropped].abs().max().item() < 1e-25 * per_channel.max().item()
+    assert r["das_gradient_top"] == torch.topk(per_channel, 3).indices.tolist()
+    assert r["das_gradient_top_share"] == pytest.approx((torch.topk(per_channel, 3).values.sum() /
+                                                          per_channel.sum()).item(), rel=1e-6)
+    assert not set(r["das_gradient_top"]) & set(dropped)
 
 
 def test_basic_flags_are_parsed_and_checked():

@@ -12,7 +12,12 @@ plugin forward: the caption loss alone (both lambdas 0), plus ``lambda_das * L_d
   (negative: the term pulls the projector against what the caption loss asks for);
 * ``das_top_share`` / ``lm_top_share``: the part of each gradient's squared norm (output layer
   of the projector) that lands on the refined target's ``top`` channels (of ``d``: about
-  ``top / d`` for a spread-out gradient), i.e. whether the pull is into those channels.
+  ``top / d`` for a spread-out gradient), i.e. whether the pull is into those channels;
+* ``massive_channels`` (what ``--basic_drop_channels auto`` finds in the LLM) and
+  ``das_massive_share`` / ``lm_massive_share``: the same for those channels;
+* ``das_gradient_top`` / ``das_gradient_top_share``: where the direction term's pull goes, its
+  ``top`` output channels by gradient energy and their part of it (with a target variant: where
+  the pull went instead).
 
 The weights are the paper's unless ``--basic-flags`` says otherwise; a monitor-only run can so
 be asked how hard BASIC would pull it. docs/RESULTS.md (the mechanism) reads the numbers.
@@ -57,15 +62,16 @@ def caption_batch(records: Sequence[dict], tokenizer, image_processor, model_con
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "images": images}
 
 
-def bind_basic(model, *, lambda_das: float, lambda_sds: float, overrides: Optional[dict] = None):
-    """Bind BASIC (stage 1, ``overrides`` of its flags) to ``model`` as the host does for a training run."""
+def bind_basic(model, *, lambda_das: float, lambda_sds: float, overrides: Optional[dict] = None, tokenizer=None):
+    """Bind BASIC (stage 1, ``overrides`` of its flags) to ``model`` as the host does for a training run
+    (``tokenizer``: for ``--basic_drop_channels``, whose probe needs it)."""
     from basic_plugin.basic import plugin as basic
     from basic_plugin.basic.arguments import BasicArguments
     from basic_plugin.host.objective import bind
 
     args = {**asdict(BasicArguments()), **(overrides or {}), "basic": True, "basic_lambda_das": lambda_das,
             "basic_lambda_sds": lambda_sds, "tune_mm_mlp_adapter": True}
-    objective = basic.llava_objective(model=model, tokenizer=None, training_args=types.SimpleNamespace(**args),
+    objective = basic.llava_objective(model=model, tokenizer=tokenizer, training_args=types.SimpleNamespace(**args),
                                       data_args=None)
     bind(model, [objective])
 
@@ -84,7 +90,7 @@ def projector_gradient(model, batches: Sequence[dict]) -> List:
 
 
 def term_gradients(model, batches: Sequence[dict], *, lambda_das: float, lambda_sds: float,
-                   overrides: Optional[dict] = None) -> dict:
+                   overrides: Optional[dict] = None, tokenizer=None) -> dict:
     """``{"lm", "das", "sds"}``: each a list of the projector parameters' gradients (float64, in
     ``parameters()`` order) of the caption loss and of each of BASIC's terms as added to it."""
     from basic_plugin.host.objective import bind
@@ -96,7 +102,7 @@ def term_gradients(model, batches: Sequence[dict], *, lambda_das: float, lambda_
     grads = {}
     try:
         for name, das, sds in (("lm", 0.0, 0.0), ("das", lambda_das, 0.0), ("sds", 0.0, lambda_sds)):
-            bind_basic(model, lambda_das=das, lambda_sds=sds, overrides=overrides)
+            bind_basic(model, lambda_das=das, lambda_sds=sds, overrides=overrides, tokenizer=tokenizer)
             grads[name] = projector_gradient(model, batches)
     finally:
         bind(model, [])
@@ -142,21 +148,33 @@ def image_rows_and_states(model, batch: dict):
 
 
 def pulls(model, batches: Sequence[dict], *, lambda_das: float, lambda_sds: float, overrides: Optional[dict] = None,
-          top: int = 5) -> dict:
-    """The statistics above for one model (float64 on the gradients)."""
+          top: int = 5, tokenizer=None) -> dict:
+    """The statistics above for one model (float64 on the gradients); the massive channels need ``tokenizer``."""
     import torch
 
     from basic_plugin.basic.target import default_depth
 
-    grads = term_gradients(model, batches, lambda_das=lambda_das, lambda_sds=lambda_sds, overrides=overrides)
+    grads = term_gradients(model, batches, lambda_das=lambda_das, lambda_sds=lambda_sds, overrides=overrides,
+                           tokenizer=tokenizer)
     depth = int((overrides or {}).get("basic_depth") or default_depth(model.config.num_hidden_layers))
     channels = refined_top_channels(model, batches, depth, top)
     flat = {k: torch.cat([g.flatten() for g in v]) for k, v in grads.items()}
     out_layer = {k: v[-2:] for k, v in grads.items()}  # the projector's last Linear: weight rows, bias
 
-    def top_share(parts):
-        total = sum(p.pow(2).sum() for p in parts)
-        return (sum(p[channels].pow(2).sum() for p in parts) / total.clamp_min(1e-300)).item()
+    def energy(parts):  # per output channel
+        return sum(p.pow(2).reshape(p.shape[0], -1).sum(1) for p in parts)
+
+    def top_share(parts, chosen=channels):
+        e = energy(parts)
+        return (e[list(chosen)].sum() / e.sum().clamp_min(1e-300)).item() if len(chosen) else 0.0
+
+    massive = []
+    if tokenizer is not None:
+        from basic_plugin.basic.channels import find_massive_channels
+
+        massive = find_massive_channels(model, tokenizer, depth, "auto")["channels"]
+    das_energy = energy(out_layer["das"])
+    das_top = torch.topk(das_energy, top).indices.tolist()
 
     def cos(a, b):
         return torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-300).item()
@@ -166,7 +184,10 @@ def pulls(model, batches: Sequence[dict], *, lambda_das: float, lambda_sds: floa
             "das_over_lm": norms["das"] / max(norms["lm"], 1e-300), "sds_over_lm": norms["sds"] / max(norms["lm"], 1e-300),
             "cos_das_lm": cos(flat["das"], flat["lm"]), "cos_sds_lm": cos(flat["sds"], flat["lm"]),
             "top_channels": channels, "das_top_share": top_share(out_layer["das"]),
-            "lm_top_share": top_share(out_layer["lm"]), "channels": model.config.hidden_size,
+            "lm_top_share": top_share(out_layer["lm"]), "massive_channels": massive,
+            "das_massive_share": top_share(out_layer["das"], massive), "lm_massive_share": top_share(out_layer["lm"], massive),
+            "das_gradient_top": das_top, "das_gradient_top_share": top_share(out_layer["das"], das_top),
+            "channels": model.config.hidden_size,
             "lambda_das": lambda_das, "lambda_sds": lambda_sds, "depth": depth, "batches": len(batches),
             "batch_size": int(batches[0]["input_ids"].shape[0])}
 
@@ -236,10 +257,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         batches = [caption_batch(records[i:i + args.batch_size], tokenizer, processor, model.config, args.image_folder)
                    for i in range(0, len(records), args.batch_size)]
         r = results[path] = pulls(model, batches, lambda_das=lambda_das, lambda_sds=lambda_sds, overrides=overrides,
-                                  top=args.top)
+                                  top=args.top, tokenizer=tokenizer)
         print(f"{path}: |g_lm| {r['norm_lm']:.4g}; lambda_das L_das: |g| {r['das_over_lm']:.2f}x, cos with g_lm "
               f"{r['cos_das_lm']:+.3f}, {100 * r['das_top_share']:.1f}% of its output-layer part on the target's "
-              f"top-{args.top} channels (g_lm: {100 * r['lm_top_share']:.1f}%); lambda_sds L_sds: |g| "
+              f"top-{args.top} channels (g_lm: {100 * r['lm_top_share']:.1f}%), "
+              f"{100 * r['das_massive_share']:.1f}% on the LLM's massive channels {r['massive_channels']}, its own "
+              f"top-{args.top} {r['das_gradient_top']} take {100 * r['das_gradient_top_share']:.1f}%; lambda_sds L_sds: |g| "
               f"{r['sds_over_lm']:.2f}x, cos {r['cos_sds_lm']:+.3f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
