@@ -66,18 +66,39 @@ def mcnemar_sample_size(p_discordant: float, delta: float = 0.02, alpha: float =
     return math.ceil((z_a * math.sqrt(p_discordant) + z_b * math.sqrt(p_discordant - delta * delta)) ** 2 / delta ** 2)
 
 
+def bootstrap_means(diffs, iters: int = 10000, seed: int = 0):
+    """Sorted means of ``iters`` resamples of the columns of ``diffs`` (S, n): each draw picks n column
+    (item) indices with replacement (``default_rng(seed)``), the same for every row, and averages the
+    picked entries over rows and columns. Drawn in chunks (the same stream as one draw), so memory
+    stays near 2M indices whatever n and iters are."""
+    import numpy as np
+
+    diffs = np.atleast_2d(np.asarray(diffs, dtype=np.float64))
+    n = diffs.shape[1]
+    rng = np.random.default_rng(seed)
+    out = np.empty(iters, dtype=np.float64)
+    step = max(1, 2_000_000 // max(1, n))
+    for start in range(0, iters, step):
+        picks = rng.integers(0, n, size=(min(step, iters - start), n))
+        out[start:start + picks.shape[0]] = sum(row[picks].mean(axis=1) for row in diffs) / diffs.shape[0]
+    return np.sort(out)
+
+
+def percentile_interval(stats, level: float = 0.95) -> Tuple[float, float]:
+    """The ``(1 - level) / 2`` and ``(1 + level) / 2`` order statistics of sorted ``stats``."""
+    iters = len(stats)
+    return (float(stats[int(math.floor((1 - level) / 2 * iters))]),
+            float(stats[min(iters - 1, int(math.ceil((1 + level) / 2 * iters)) - 1)]))
+
+
 def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = 10000, seed: int = 0,
                      level: float = 0.95) -> Tuple[float, float]:
     """Percentile interval of ``mean(b) - mean(a)`` over paired resamples of the items (bools or numbers)."""
-    if len(a) != len(b) or not a:
+    import numpy as np
+
+    if len(a) != len(b) or not len(a):
         raise ValueError("need two paired, non-empty outcome lists")
-    diffs = [float(y) - float(x) for x, y in zip(a, b)]
-    n = len(diffs)
-    rng = random.Random(seed)
-    stats = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
-    lo = stats[int(math.floor((1 - level) / 2 * iters))]
-    hi = stats[min(iters - 1, int(math.ceil((1 + level) / 2 * iters)) - 1)]
-    return (lo, hi)
+    return percentile_interval(bootstrap_means(np.asarray(b, float) - np.asarray(a, float), iters, seed), level)
 
 
 def compare_paired(a: Sequence[bool], b: Sequence[bool], *, iters: int = 10000, seed: int = 0) -> dict:
@@ -110,11 +131,7 @@ def compare_seeds(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]], *, i
         raise ValueError(f"need two equal (seeds, images) outcome tables; got {A.shape} and {B.shape}")
     seeds, n = A.shape
     per_seed = (B - A).mean(axis=1)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, n, size=(iters, n))  # the resampled images of each draw, shared by the seeds
-    stats = np.sort(sum((B[s] - A[s])[picks].mean(axis=1) for s in range(seeds)) / seeds)
-    lo = float(stats[int(np.floor((1 - level) / 2 * iters))])
-    hi = float(stats[min(iters - 1, int(np.ceil((1 + level) / 2 * iters)) - 1)])
+    lo, hi = percentile_interval(bootstrap_means(B - A, iters, seed), level)  # images resampled, shared by seeds
     out = {"seeds": seeds, "n_per_seed": n, "acc_a": A.mean(axis=1).tolist(), "acc_b": B.mean(axis=1).tolist(),
            "per_seed_diff": per_seed.tolist(), "diff": float(per_seed.mean()), "diff_ci": (lo, hi),
            "seeds_ahead": int((per_seed > 0).sum()), "seeds_behind": int((per_seed < 0).sum()),
