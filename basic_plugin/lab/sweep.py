@@ -51,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from basic_plugin.lab.demo.run import DEFAULTS as DEMO
+
 MONITOR_FLAGS = ["--basic_lambda_das", "0", "--basic_lambda_sds", "0"]
 CONFIGS: Dict[str, List[str]] = {
     "monitor": MONITOR_FLAGS,
@@ -70,7 +72,8 @@ CONFIGS: Dict[str, List[str]] = {
 GRID = ("monitor", "paper", "das_only", "drop", "drop_das", "std", "std_das")
 SELECTION_METRIC = "calibrated_accuracy"
 REFERENCE = "monitor"  # BASIC on, both lambdas 0: trains bit for bit like the baseline
-DEFAULTS = {"batch": 8, "seeds": 4, "val": 300, "test": 300, "train_images": 3200, "save_every": 100}
+#: the demo's yardstick (batch, data sizes, checkpoints), with four seeds
+DEFAULTS = {**{k: DEMO[k] for k in ("batch", "val", "test", "train_images", "save_every")}, "seeds": 4}
 TINY = {"steps": 2, "batch": 2, "seeds": 2, "val": 10, "test": 10, "train_images": 8, "save_every": 1}
 
 
@@ -152,8 +155,7 @@ def train_run(ws: Workspace, name: str, seed: int, steps: int, flags: Sequence[s
 
     d = ws.run_dir(steps, name, seed)
     targs = train_args(ws.paths, ws.data, d, arm="basic", steps=steps, batch=ws.cfg["batch"], seed=seed, lr=1e-3,
-                       deepspeed=True, basic_flags=flags)  # as the demo trains
-    targs += ["--save_strategy", "steps", "--save_steps", str(ws.cfg["save_every"])]
+                       deepspeed=True, basic_flags=flags, save_every=ws.cfg["save_every"])  # as the demo trains
     stamp = d / "sweep_args.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == targs and (d / "mm_projector.bin").is_file():
         return d

@@ -32,7 +32,9 @@ Steps (each with a progress bar):
 
 Trained runs (``--out``/seed{N}/{arm}) and their evaluations are reused when their arguments are
 unchanged (``--retrain`` to redo them).
-``--full``: 3 seeds, 6000 held-out images, 300 steps: at the discordance seen in the default run
+By default the demo trains as the grid does (its length, its 3,200 training captions, its checkpoints),
+so its runs are the grid's seed-0 runs bit for bit on the same machine.
+``--full``: 3 seeds, 6000 held-out images: at the discordance seen in the default run
 (the two models disagree on about 28% of the images), McNemar's test needs about 5,500 paired
 images to resolve a 2-point accuracy difference (alpha 0.05, power 0.8); the report prints this
 number for the run at hand. Hours on a CPU.
@@ -49,9 +51,15 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
-FULL = {"steps": 300, "test": 6000, "seeds": 3}
-TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
+from basic_plugin.lab.demo import selected
+
+#: the grid's yardstick (basic_plugin.lab.sweep): its length, training set, validation and test sizes and
+#: checkpoints, so that the demo's runs are the grid's seed-0 runs bit for bit
+DEFAULTS = {"steps": selected.STEPS, "batch": 8, "test": 300, "val": 300, "train_images": 3200, "save_every": 100,
+            "lens_images": 30, "seeds": 1, "lr": 1e-3}
+FULL = {"test": 6000, "seeds": 3}
+TINY = {"steps": 2, "batch": 2, "test": 10, "val": 0, "train_images": 4, "save_every": 0, "lens_images": 4,
+        "seeds": 1}
 
 #: the baseline arm: BASIC on with both lambdas 0 (no effect on training, same curves logged)
 MONITOR_FLAGS = ("--basic_lambda_das", "0", "--basic_lambda_sds", "0")
@@ -100,8 +108,6 @@ def plan_arms(basic_flags: str = "", paper_arm: bool = False) -> Tuple[Dict[str,
     ``basic_flags`` (``--basic-flags``) replace it. ``paper`` would train the very same run as
     ``basic`` when both are the paper's defaults, so it is then skipped.
     """
-    from basic_plugin.lab.demo import selected
-
     arms = {"baseline": {"flags": list(MONITOR_FLAGS), "label": "baseline",
                          "title": "baseline (BASIC, both lambdas 0: trains exactly like LLaVA, logs BASIC's curves)"}}
     given = shlex.split(basic_flags)
@@ -120,7 +126,7 @@ def plan_arms(basic_flags: str = "", paper_arm: bool = False) -> Tuple[Dict[str,
 
 
 def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, arm: str, steps: int, batch: int,
-               seed: int, lr: float, deepspeed: bool, basic_flags: Sequence[str] = ()) -> List[str]:
+               seed: int, lr: float, deepspeed: bool, basic_flags: Sequence[str] = (), save_every: int = 0) -> List[str]:
     """LLaVA's pretrain.sh arguments for a CPU run (:func:`basic_plugin.lab.llava_args.cpu_args`) of one arm.
 
     Every arm but ``baseline`` is BASIC with ``basic_flags``. The seeds, the learning rate and
@@ -135,6 +141,8 @@ def train_args(paths: Dict[str, str], data: Dict[str, str], out_dir: Path, *, ar
         extra += ["--basic", "True", *MONITOR_FLAGS]
     else:
         extra += ["--basic", "True", *basic_flags]
+    if save_every:  # the projector every N steps (LLaVA's adapter checkpoints; the run is unchanged)
+        extra += ["--save_strategy", "steps", "--save_steps", str(save_every)]
     return cpu_args(model=paths["lm"], vision_tower=paths["vision"], data_path=data["train"],
                     image_folder=data["image_folder"], output_dir=out_dir, stage="pretrain", max_steps=steps,
                     batch=batch, deepspeed="zero2" if deepspeed else None, gradient_checkpointing=False, extra=extra)
@@ -210,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=None, help=f"held-out test images (default {DEFAULTS['test']})")
     p.add_argument("--lens-images", type=int, default=None, help="test images for the per-layer analysis (default 30, as the paper)")
     p.add_argument("--lr", type=float, default=None, help="projector learning rate (default 1e-3, LLaVA's)")
-    p.add_argument("--full", action="store_true", help="3 seeds, 6000 test images, 300 steps (hours on a CPU)")
+    p.add_argument("--full", action="store_true", help="3 seeds, 6000 test images (hours on a CPU)")
     p.add_argument("--basic-flags", default="",
                    help='BASIC flags for the basic arm, replacing the setting the grid chose '
                         '(basic_plugin/lab/demo/selected.py), e.g. "--basic_depth 10"')
@@ -240,7 +248,7 @@ def resolve(args) -> dict:
             cfg[key] = value
     if min(cfg["steps"], cfg["batch"], cfg["seeds"], cfg["test"]) < 1:
         raise SystemExit("basic-llava demo: --steps, --batch, --seeds and --test must be positive")
-    cfg["train_images"] = cfg["steps"] * cfg["batch"]
+    cfg["train_images"] = max(cfg["train_images"], cfg["steps"] * cfg["batch"])  # one epoch at most
     return cfg
 
 
@@ -294,8 +302,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"basic-llava demo: Fashion-MNIST not found in {fmnist_dir}.\nInstall it with:\n"
               f"    {demo_data.INSTALL_HINT}\n(as root, or with sudo; scripts/demo.sh does it for you)", file=sys.stderr)
         return 2
-    data = demo_data.build_dataset(out / "data", train=cfg["train_images"], test=cfg["test"], size=size, seed=0,
-                                   fmnist_dir=fmnist_dir, progress=progress)
+    data = demo_data.build_dataset(out / "data", train=cfg["train_images"], test=cfg["test"], val=cfg["val"],
+                                   size=size, seed=0, fmnist_dir=fmnist_dir, progress=progress)
     timings["data"] = time.perf_counter() - t
 
     # 3. training: up to one arm per core at once (one rank each), or one after the other (--sequential)
@@ -308,7 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for arm, spec in arms.items():
             run_dir = out / f"seed{seed}" / arm
             targs = train_args(paths, data, run_dir, arm=arm, steps=cfg["steps"], batch=cfg["batch"], seed=seed,
-                               lr=cfg["lr"], deepspeed=not args.no_deepspeed, basic_flags=spec["flags"])
+                               lr=cfg["lr"], deepspeed=not args.no_deepspeed, basic_flags=spec["flags"],
+                               save_every=cfg["save_every"])
             stamp = run_dir / "demo_args.json"
             done = (not args.retrain and stamp.is_file() and json.loads(stamp.read_text()) == targs
                     and (run_dir / "mm_projector.bin").is_file() and (run_dir / "demo_result.json").is_file())

@@ -6,6 +6,8 @@ before this run's numbers. Change the three together, from docs/RESULTS.md, when
 run again.
 """
 
+#: the grid's training length (``basic-llava length``), which the demo trains by default
+STEPS: int = 100
 #: the sweep configuration chosen on the validation split (a name of ``sweep.CONFIGS``)
 NAME: str = "das_only"
 #: its BASIC flags as the grid ran them (placeholders resolved, e.g. ("--basic_lambda_das", "0.1")); () = paper defaults
