@@ -1,76 +1,77 @@
-"""How hard BASIC's terms pull the projector during a sweep run, next to the caption loss.
+"""How hard BASIC's terms pull the projector during the grid's runs, next to the caption loss.
 
-Trains a run of ``basic-llava sweep`` again with its own arguments, saving the projector every
-``--every`` steps (LLaVA's adapter-only checkpoints; saving does not change the run: the final
-projector is checked to be bit-identical to the sweep's), then measures at each checkpoint,
-with the paper's weights, the per-term gradients of :mod:`basic_plugin.lab.pull` on the run's
-first training batches. Writes ``pull.json`` and ``pull.png`` under ``--out``::
+The grid's runs (``basic-llava sweep``) save their projector every 100 steps; at each saved
+projector of a run, :mod:`basic_plugin.lab.pull` measures the per-term gradients on the run's
+first training batches, with the run's own BASIC flags (a target variant measured as it trains;
+the monitor arm with the paper's weights: how hard BASIC would pull it). Writes ``pull.json`` and
+``pull.png`` under ``--out``::
 
-    .venv/bin/python scripts/pull_over_training.py --sweep runs/sweep --config monitor --config paper --out runs/pull
+    .venv/bin/python scripts/pull_over_training.py --grid runs/grid --config paper --config drop --out runs/pull
 
 docs/RESULTS.md (the mechanism) shows the result.
 """
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
 
-def checkpoints(run_dir: Path):
-    """``[(step, folder)]`` of the adapter checkpoints, by step."""
-    return sorted((int(p.name.split("-")[1]), p) for p in run_dir.glob("checkpoint-*") if (p / "mm_projector.bin").is_file())
+def saved_projectors(run_dir: Path, steps: int):
+    """``[(step, folder)]``: the run's checkpoints, and the run folder itself for its last step."""
+    found = {int(p.name.split("-")[1]): p for p in run_dir.glob("checkpoint-*") if (p / "mm_projector.bin").is_file()}
+    found[steps] = run_dir
+    return sorted(found.items())
 
 
 def main(argv=None) -> int:
+    import shutil
+
     import torch
 
     from basic_plugin.host.forward import with_plugin_forward
-    from basic_plugin.lab.demo.run import run_training
     from basic_plugin.lab.lens import load_llava
-    from basic_plugin.lab.pull import caption_batch, pulls
+    from basic_plugin.lab.pull import caption_batch, parse_basic_flags, pulls
+    from basic_plugin.lab.sweep import MONITOR_FLAGS, chosen_length
     from llava.model import LlavaLlamaForCausalLM
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sweep", required=True, help="the sweep's --out folder")
-    p.add_argument("--config", action="append", required=True, help="sweep configuration(s), e.g. paper")
+    p.add_argument("--grid", required=True, help="the sweep's --out folder")
+    p.add_argument("--steps", type=int, default=None, help="the runs' length (default: the grid's length.json)")
+    p.add_argument("--config", action="append", required=True, help="grid configuration(s), e.g. paper")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--every", type=int, default=20)
     p.add_argument("--batches", type=int, default=4)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    sweep, out = Path(args.sweep), Path(args.out)
+    grid, out = Path(args.grid), Path(args.out)
+    steps = args.steps or chosen_length(grid)
     results = {}
     for name in args.config:
-        source = sweep / name / f"seed{args.seed}"
-        targs = json.loads((source / "sweep_args.json").read_text())
-        run_dir = out / name
-        steps = int(targs[targs.index("--max_steps") + 1])
-        if not (run_dir / "mm_projector.bin").is_file():
-            targs[targs.index("--output_dir") + 1] = str(run_dir)
-            run_training(targs + ["--save_strategy", "steps", "--save_steps", str(args.every)], run_dir, steps,
-                         desc=f"{name} s{args.seed}", threads=1)
-        same = all(torch.equal(a, b) for a, b in zip(
-            torch.load(run_dir / "mm_projector.bin", weights_only=True).values(),
-            torch.load(source / "mm_projector.bin", weights_only=True).values()))
-        print(f"[pull] {name}: final projector bit-identical to the sweep's: {same}", flush=True)
+        run_dir = grid / f"steps{steps}" / name / f"seed{args.seed}"
+        targs = json.loads((run_dir / "sweep_args.json").read_text())
+        flags = targs[targs.index("--basic") + 2:]
+        flags = flags[:flags.index("--save_strategy")] if "--save_strategy" in flags else flags
+        measured = flags if flags != MONITOR_FLAGS else []  # the monitor arm: the paper's weights
+        overrides = parse_basic_flags(" ".join(measured))
+        lambda_das = overrides.pop("basic_lambda_das", 1.0)
+        lambda_sds = overrides.pop("basic_lambda_sds", 0.01)
         data = Path(targs[targs.index("--data_path") + 1])
         folder = targs[targs.index("--image_folder") + 1]
         base = targs[targs.index("--model_name_or_path") + 1]
         records = json.loads(data.read_text())[:args.batches * 8]
         per_step = {}
-        saved = checkpoints(run_dir)
-        for step, folder_n in saved + ([] if saved and saved[-1][0] == steps else [(steps, run_dir)]):
-            if not (folder_n / "config.json").is_file():
-                shutil.copy(run_dir / "config.json", folder_n / "config.json")
+        for step, saved in saved_projectors(run_dir, steps):
+            if not (saved / "config.json").is_file():
+                shutil.copy(run_dir / "config.json", saved / "config.json")
             torch.manual_seed(0)
-            tok, model, proc = load_llava(folder_n, base, model_class=with_plugin_forward(LlavaLlamaForCausalLM))
+            tok, model, proc = load_llava(saved, base, model_class=with_plugin_forward(LlavaLlamaForCausalLM))
             batches = [caption_batch(records[i:i + 8], tok, proc, model.config, folder) for i in range(0, len(records), 8)]
-            r = per_step[step] = pulls(model, batches, lambda_das=1.0, lambda_sds=0.01)
+            r = per_step[step] = pulls(model, batches, lambda_das=lambda_das, lambda_sds=lambda_sds,
+                                       overrides=overrides, tokenizer=tok)
             print(f"[pull] {name} step {step}: |g_das|/|g_lm| {r['das_over_lm']:.3f}, cos {r['cos_das_lm']:+.3f}, "
-                  f"top-5 share {100 * r['das_top_share']:.1f}% (g_lm {100 * r['lm_top_share']:.1f}%); "
-                  f"|g_sds|/|g_lm| {r['sds_over_lm']:.3f}", flush=True)
-        results[name] = {"bit_identical_to_sweep": same, "steps": per_step}
+                  f"on the massive channels {r['massive_channels']} {100 * r['das_massive_share']:.1f}% "
+                  f"(g_lm {100 * r['lm_massive_share']:.1f}%), its own top-5 {r['das_gradient_top']} "
+                  f"{100 * r['das_gradient_top_share']:.1f}%; |g_sds|/|g_lm| {r['sds_over_lm']:.3f}", flush=True)
+        results[name] = {"flags": measured, "steps": per_step}
     out.mkdir(parents=True, exist_ok=True)
     (out / "pull.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "pull.png")
@@ -83,9 +84,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("das_over_lm", "|grad of L_das| / |grad of caption loss|"),
+    panels = (("das_over_lm", "|grad L_das| / |grad caption loss|"),
               ("cos_das_lm", "cos(grad L_das, grad caption loss)"),
-              ("das_top_share", "grad L_das on the target's top-5 channels"))
+              ("das_massive_share", "grad L_das on the LLM's massive channels"),
+              ("das_gradient_top_share", "grad L_das on its own top-5 channels"))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), dpi=90)
     for i, (name, r) in enumerate(results.items()):
         steps = sorted(r["steps"], key=int)
@@ -95,7 +97,7 @@ def plot(results: dict, path: Path) -> None:
             ax.set_title(title, fontsize=9)
     axes[1].axhline(0, color="0.7", lw=1)
     for ax in axes:
-        ax.set_xlabel("step (projector of that step; paper's weights)")
+        ax.set_xlabel("step (the run's projector at that step)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
