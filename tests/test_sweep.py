@@ -49,8 +49,10 @@ def test_tiny_length_then_sweep_selects_on_validation_tests_once_and_resumes(fmn
                             env=training_env(), capture_output=True, text=True, timeout=900)
     assert length.returncode == 0, length.stderr[-3000:]
     chosen = json.loads((out / "length.json").read_text())
-    # threshold 0: every seed reaches it at the shortest length; the curve is the checkpoints' validation scores
+    # threshold 0: every seed reaches it at the shortest length, whose real runs are then trained and pass
     assert chosen["chosen_steps"] == 1 and chosen["all_seeds_above"] is True
+    real = [json.loads((out / "steps1" / "monitor" / f"seed{s}" / "eval_val.json").read_text()) for s in (0, 1)]
+    assert chosen["confirmed"][0]["calibrated"] == [e["calibrated_accuracy"] for e in real]
     first_ckpt = json.loads((out / "steps2" / "monitor" / "seed1" / "checkpoint-1" / "eval_val.json").read_text())
     assert chosen["rows"][0]["calibrated"][1] == pytest.approx(first_ckpt["calibrated_accuracy"])
     assert (out / "length.png").is_file() and "Chosen: **1 steps**" in (out / "length.md").read_text()
@@ -83,12 +85,25 @@ def test_tiny_length_then_sweep_selects_on_validation_tests_once_and_resumes(fmn
 
 
 def test_length_choice_rule():
-    from basic_plugin.lab.length import choose_length
+    """Lengths whose checkpoints pass are tried shortest first on real runs; the first whose real runs all
+    pass is chosen; without one, the longest."""
+    from basic_plugin.lab.length import confirm_length
 
-    curve = {100: [0.12, 0.35], 200: [0.31, 0.29], 300: [0.30, 0.40], 400: [0.5, 0.6]}
-    assert choose_length(curve)["chosen_steps"] == 300  # the shortest with every seed >= 30%
-    low = choose_length({100: [0.1, 0.2], 400: [0.25, 0.5]})
+    curve = {100: [0.12, 0.35], 200: [0.31, 0.32], 300: [0.30, 0.40], 400: [0.5, 0.6]}
+    real = {200: [0.29, 0.5], 300: [0.33, 0.31], 400: [0.5, 0.6]}
+    tried = []
+
+    def runs(steps):
+        tried.append(steps)
+        return {"steps": steps, "calibrated": real[steps], "raw": real[steps]}
+
+    got = confirm_length(curve, runs)
+    assert got["chosen_steps"] == 300 and tried == [200, 300] and got["all_seeds_above"] is True
+    assert [r["steps"] for r in got["confirmed"]] == [200, 300]
+    low = confirm_length({100: [0.1, 0.2], 400: [0.25, 0.5]}, runs)
     assert low["chosen_steps"] == 400 and low["all_seeds_above"] is False and "no length" in low["why"]
+    real[300] = [0.2, 0.2]
+    assert confirm_length(curve, runs)["chosen_steps"] == 400  # 200 and 300 fail on real runs, 400 passes
 
 
 def test_sweep_without_a_length_is_refused(tmp_path):

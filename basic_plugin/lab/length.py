@@ -8,9 +8,11 @@ is clearly above chance (calibrated accuracy >= ``--threshold``, 30% by default,
 when no length gets there, the longest is chosen and the report says so plainly.
 
 A point of the curve below the longest length is a checkpoint of the longest run: the same batches
-as a run of that length (same data, seed and order), but its learning rate has not finished its
-cosine decay, so it tends to understate what a run of that length reaches. The sweep then trains
-the monitor arm at the chosen length for real, and its validation accuracy per seed is the check.
+as a run of that length (same data, seed and order), but with the learning-rate schedule of the
+longest run (higher, and not yet decayed), so it is a proxy. The choice is therefore confirmed on
+real runs: the lengths whose checkpoints pass are tried shortest first, the monitor arm trains at
+that length for every seed (the sweep's own runs, reused by the grid), and the first length whose
+every real run passes is chosen; the longest length's runs are real runs already.
 
     basic-llava length --out runs/grid          # then: basic-llava sweep --out runs/grid --final-test
 
@@ -29,23 +31,29 @@ LENGTHS = (100, 200, 300, 400)
 THRESHOLD = 0.30
 
 
-def choose_length(curve: Dict[int, List[float]], threshold: float = THRESHOLD) -> dict:
-    """The shortest length whose every seed reaches ``threshold`` (calibrated accuracy), else the longest.
+def row(steps: int, evals: Sequence[dict]) -> dict:
+    """One length's validation results, per seed."""
+    return {"steps": steps, "calibrated": [e["calibrated_accuracy"] for e in evals], "raw": [e["accuracy"] for e in evals],
+            "caption_loss": [statistics.fmean(e["true_nll"]) for e in evals]}
 
-    ``curve``: ``{steps: [calibrated validation accuracy per seed]}``.
-    """
-    if not curve:
-        raise ValueError("no lengths to choose from")
-    lengths = sorted(curve)
-    for steps in lengths:
-        if min(curve[steps]) >= threshold:
-            return {"chosen_steps": steps, "all_seeds_above": True,
-                    "why": f"the shortest length at which every seed reaches {100 * threshold:.0f}% calibrated on "
-                           f"validation (lowest seed {100 * min(curve[steps]):.1f}%)"}
-    longest = lengths[-1]
-    return {"chosen_steps": longest, "all_seeds_above": False,
-            "why": f"no length gets every seed to {100 * threshold:.0f}% calibrated on validation; the longest, "
-                   f"{longest} steps, is used (lowest seed {100 * min(curve[longest]):.1f}%)"}
+
+def confirm_length(curve: Dict[int, List[float]], real_runs, threshold: float = THRESHOLD) -> dict:
+    """The shortest length whose real runs (``real_runs(steps)`` -> a :func:`row`) all reach ``threshold``,
+    trying only the lengths whose checkpoints (``curve``) all reach it, shortest first; else the longest."""
+    confirmed = []
+    for steps in sorted(curve):
+        if min(curve[steps]) < threshold:
+            continue
+        result = real_runs(steps)
+        confirmed.append(result)
+        if min(result["calibrated"]) >= threshold:
+            return {"chosen_steps": steps, "all_seeds_above": True, "confirmed": confirmed,
+                    "why": f"the shortest length whose checkpoints and real runs all reach {100 * threshold:.0f}% "
+                           f"calibrated on validation (lowest seed of the real runs {100 * min(result['calibrated']):.1f}%)"}
+    longest = max(curve)
+    return {"chosen_steps": longest, "confirmed": confirmed, "all_seeds_above": False,
+            "why": f"no length gets every seed's real run to {100 * threshold:.0f}% calibrated on validation; the "
+                   f"longest, {longest} steps, is used (lowest seed {100 * min(curve[longest]):.1f}%)"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,11 +103,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return {n: evaluate_run(ws, folder, "val") for n, folder in folders.items()}
 
     per_seed = in_pairs(seeds, train_and_score)
-    rows = [{"steps": n, "calibrated": [per_seed[s][n]["calibrated_accuracy"] for s in seeds],
-             "raw": [per_seed[s][n]["accuracy"] for s in seeds],
-             "caption_loss": [statistics.fmean(per_seed[s][n]["true_nll"]) for s in seeds]} for n in lengths]
+    rows = [row(n, [per_seed[s][n] for s in seeds]) for n in lengths]
+    curve = {r["steps"]: r["calibrated"] for r in rows}
+
+    def real_runs(n):
+        """The monitor arm trained for ``n`` steps with every seed, scored on validation."""
+        if n == longest:
+            return rows[-1]
+        return row(n, in_pairs(seeds, lambda seed: evaluate_run(ws, train_run(ws, "monitor", seed, n, MONITOR_FLAGS),
+                                                                  "val")))
+
     report = {"seeds": seeds, "threshold": args.threshold, "rows": rows,
-              **choose_length({r["steps"]: r["calibrated"] for r in rows}, args.threshold)}
+              **confirm_length(curve, real_runs, args.threshold)}
     (ws.out / "length.json").write_text(json.dumps(report, indent=1))
     (ws.out / "length.md").write_text(markdown(report))
     plot(report, ws.out / "length.png")
@@ -118,6 +133,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['steps']} | " + " | ".join(f"{100 * x:.1f}" for x in cal) +
                      f" | {100 * statistics.fmean(cal):.1f} | {100 * min(cal):.1f} | {100 * statistics.fmean(r['raw']):.1f} | "
                      f"{statistics.fmean(r['caption_loss']):.3f} |")
+    for r in report.get("confirmed", []):
+        lines += ["", f"Real runs of {r['steps']} steps (the monitor arm trained for that length, every seed): "
+                      "calibrated " + " / ".join(f"{100 * x:.1f}" for x in r["calibrated"]) +
+                      f"% (mean {100 * statistics.fmean(r['calibrated']):.1f}%), raw " +
+                      " / ".join(f"{100 * x:.1f}" for x in r["raw"]) + "%."]
     lines += ["", f"Chosen: **{report['chosen_steps']} steps**: {report['why']}."]
     return "\n".join(lines) + "\n"
 
@@ -134,6 +154,9 @@ def plot(report: dict, path: Path) -> None:
     for i, s in enumerate(report["seeds"]):
         ax.plot(lengths, [100 * r["calibrated"][i] for r in rows], marker="o", lw=1.2, label=f"seed {s}")
     ax.plot(lengths, [100 * statistics.fmean(r["calibrated"]) for r in rows], color="black", lw=2.2, label="mean")
+    for r in report.get("confirmed", []):
+        ax.scatter([r["steps"]] * len(r["calibrated"]), [100 * x for x in r["calibrated"]], marker="x", color="black",
+                   zorder=3, label="real runs of that length" if r is report["confirmed"][0] else None)
     ax.axhline(100 * report["threshold"], color="C3", ls="--", lw=1, label=f"threshold {100 * report['threshold']:.0f}%")
     ax.axhline(10, color="0.7", ls=":", lw=1, label="chance")
     ax.axvline(report["chosen_steps"], color="0.5", lw=1)
