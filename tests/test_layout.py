@@ -1,16 +1,22 @@
-"""The package's folders are its architecture: imports point down only (lab -> basic -> host)."""
+"""The package's folders are its architecture: imports point down only (lab -> basic -> api -> host),
+no module imports itself back through others (function-level imports included), and a plugin (BASIC,
+the example) sees the host only through ``basic_plugin.api``."""
 import ast
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "basic_plugin"
-LAYERS = {"host": 0, "basic": 1, "lab": 2}
-#: top-level modules: the entry forwarders and the CLI may import anything
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "basic_plugin"
+LAYERS = {"host": 0, "api": 1, "basic": 2, "lab": 3}
+#: top-level modules: the entry forwarders and the CLI may import anything; ``api`` is a layer of its own
 TOP = {"__init__", "train", "train_mem", "cli"}
+#: what a plugin may import of basic-llava (besides its own package)
+PLUGIN_API = "basic_plugin.api"
 
 
 def imported_modules(path: Path):
+    """Every module ``path`` imports, at any depth of the file (functions included)."""
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             yield from (alias.name for alias in node.names)
@@ -26,21 +32,77 @@ def layer_of(module: str):
     return LAYERS.get(parts[1])
 
 
-def modules():
-    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+def modules(package: Path = PACKAGE):
+    return sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph(package: Path = PACKAGE) -> dict:
+    """module -> the package's modules it imports (``from a import b`` counts as ``a.b`` when that is a module)."""
+    names = {module_name(p, package): p for p in modules(package)}
+
+    def resolve(name):
+        parts = name.split(".")
+        for end in range(len(parts), 0, -1):
+            if ".".join(parts[:end]) in names:
+                return ".".join(parts[:end])
+        return None
+
+    return {name: {r for m in imported_modules(path) if (r := resolve(m)) is not None and r != name}
+            for name, path in names.items()}
+
+
+def import_circles(graph: dict) -> list:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
 
 
 def test_every_module_lives_in_a_layer():
     loose = [p.relative_to(PACKAGE) for p in modules()
-             if p.parent == PACKAGE and p.stem not in TOP]
-    assert not loose, f"modules outside host/, basic/ and lab/: {loose}"
+             if p.parent == PACKAGE and p.stem not in TOP and p.stem not in LAYERS]
+    assert not loose, f"modules outside host/, api.py, basic/ and lab/: {loose}"
 
 
-@pytest.mark.parametrize("path", [p for p in modules() if p.parent != PACKAGE], ids=lambda p: str(p.relative_to(PACKAGE)))
+@pytest.mark.parametrize("path", [p for p in modules() if p.parent != PACKAGE or p.stem in LAYERS],
+                         ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_point_down(path):
-    own = LAYERS[path.relative_to(PACKAGE).parts[0]]
+    own = LAYERS[path.relative_to(PACKAGE).with_suffix("").parts[0]]
     upward = [m for m in imported_modules(path) if (layer_of(m) or -1) > own]
     assert not upward, f"{path.relative_to(PACKAGE)} imports a higher layer: {upward}"
+
+
+def test_no_import_circle():
+    assert import_circles(import_graph()) == []
 
 
 def test_the_method_uses_nothing_of_the_host_but_hookimpl():
@@ -52,6 +114,18 @@ def test_the_method_uses_nothing_of_the_host_but_hookimpl():
 
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "x.py"
-    bad.write_text("from basic_plugin.lab.tiny import build_tiny_llava\nimport basic_plugin.basic.losses\n")
-    assert [m for m in imported_modules(bad) if layer_of(m) == 2] and \
-        [m for m in imported_modules(bad) if layer_of(m) == 1]
+    bad.write_text("from basic_plugin.lab.tiny import build_tiny_llava\nimport basic_plugin.basic.losses\n"
+                   "from basic_plugin import hookimpl\nfrom basic_plugin.host.binding import bind\n")
+    assert [m for m in imported_modules(bad) if layer_of(m) == 3] and \
+        [m for m in imported_modules(bad) if layer_of(m) == 2]
+
+
+def test_the_checker_sees_a_circle_through_a_function_level_import(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import g\n\ndef f():\n    return g()\n")
+    (package / "b.py").write_text("def g():\n    from pkg import c\n    return c.h()\n")
+    (package / "c.py").write_text("import pkg.a\n\ndef h():\n    return 1\n")
+    (package / "d.py").write_text("import pkg.a\n")
+    assert import_circles(import_graph(package)) == [["pkg.a", "pkg.b", "pkg.c"]]

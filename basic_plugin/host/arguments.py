@@ -4,7 +4,9 @@
 order. The host rebinds the three in ``llava.train.train``: the first two are
 recorded as they are built, and ``TrainingArguments`` gains every field of every
 plugin's argument dataclass plus the host's own, then runs the validation hooks
-with all three, so bad settings stop the run before the model loads.
+with all three, so bad settings stop the run before the model loads. The data
+pre-flight is handed in by whoever builds the class (:mod:`basic_plugin.host.integration`
+hands :func:`basic_plugin.host.preflight.run_preflight`): parsing never imports it.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import math
 import pathlib
 import sys
 import typing
+from typing import Callable
 
 from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.refusal import Refusal
@@ -145,9 +148,14 @@ def refused(error: Refusal):
     raise error
 
 
-def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
+def build_training_arguments(base: type, plugin_classes: list[type] | None = None, *,
+                             preflight: Callable | None = None) -> type:
     """Return ``base`` extended with the host's fields and those of ``plugin_classes``
-    (default: the loaded plugins')."""
+    (default: the loaded plugins').
+
+    ``preflight(model_args, data_args, training_args, plugin_active=...)`` runs once the
+    flags are valid (None: no data pre-flight, e.g. a class rebuilt to unpickle a run).
+    """
     if plugin_classes is None:
         load_plugins()
         plugin_classes = plugin_argument_classes()
@@ -172,11 +180,9 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             refused(error)
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
             refused(Refusal(str(error)))
-        from basic_plugin.host.preflight import run_preflight
-
         try:
-            run_preflight(model_args, data_args, self,
-                          plugin_active=bool(active_plugin_classes(self, plugin_classes)))
+            if preflight is not None:
+                preflight(model_args, data_args, self, plugin_active=bool(active_plugin_classes(self, plugin_classes)))
         except Refusal as error:
             refused(error)
         if self.seed_model_init:

@@ -14,6 +14,7 @@ import importlib
 from basic_plugin.host.arguments import build_training_arguments, recording
 from basic_plugin.host.forward import with_plugin_forward
 from basic_plugin.host.plugins import load_plugins, pm
+from basic_plugin.host.preflight import run_preflight
 from basic_plugin.host.trainer import plugin_trainer_class
 
 _originals: dict[tuple[str, str], object] = {}
@@ -76,7 +77,7 @@ def host_classes(classes: dict[str, type]) -> dict[str, type]:
     classes with the plugin forward (Mistral routed), the plugin trainer.
     """
     base_args = classes["TrainingArguments"]
-    args_cls = build_training_arguments(base_args)
+    args_cls = build_training_arguments(base_args, preflight=run_preflight)
     args_cls._llava_plugin_base = base_args
     mistral = classes.get("LlavaMistralForCausalLM")
     replaced = {"TrainingArguments": args_cls}
