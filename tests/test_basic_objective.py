@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from basic_plugin.basic import plugin as basic
 from basic_plugin.basic.arguments import BasicArguments
 from basic_plugin.host.integration import routed_llama_class
-from basic_plugin.host.objective import bind, binding_of
+from basic_plugin.host.binding import bind, binding_of
 from basic_plugin.host.plugins import load_plugins
 from basic_plugin.lab.tiny import build_tiny_llava
 from tests.helpers import collate_right_padded

@@ -105,11 +105,24 @@ def test_no_import_circle():
     assert import_circles(import_graph()) == []
 
 
-def test_the_method_uses_nothing_of_the_host_but_hookimpl():
-    """A plugin (BASIC included) needs only ``basic_plugin.hookimpl``; the host's internals stay private."""
-    for path in (PACKAGE / "basic").rglob("*.py"):
-        used = [m for m in imported_modules(path) if layer_of(m) == 0]
-        assert not used, f"{path.relative_to(PACKAGE)} imports host internals: {used}"
+def _plugin_imports(path: Path, own_package: str | None):
+    """The basic-llava modules ``path`` imports that are neither the plugin API nor its own package."""
+    def allowed(module):
+        return any(module == p or module.startswith(p + ".") for p in (PLUGIN_API, own_package) if p)
+
+    return sorted({m for m in imported_modules(path) if m.split(".")[0] == "basic_plugin" and not allowed(m)})
+
+
+@pytest.mark.parametrize("path", sorted((PACKAGE / "basic").rglob("*.py")), ids=lambda p: p.name)
+def test_the_method_sees_the_host_only_through_the_api(path):
+    """BASIC is a plugin like any other: of basic-llava it imports ``basic_plugin.api`` and itself."""
+    assert _plugin_imports(path, "basic_plugin.basic") == [], path.name
+
+
+def test_the_example_plugin_imports_only_the_api():
+    example = ROOT / "examples" / "projector_norm_plugin.py"
+    assert PLUGIN_API in set(imported_modules(example))
+    assert _plugin_imports(example, None) == []
 
 
 def test_the_checker_sees_a_violation(tmp_path):
@@ -118,6 +131,12 @@ def test_the_checker_sees_a_violation(tmp_path):
                    "from basic_plugin import hookimpl\nfrom basic_plugin.host.binding import bind\n")
     assert [m for m in imported_modules(bad) if layer_of(m) == 3] and \
         [m for m in imported_modules(bad) if layer_of(m) == 2]
+    assert _plugin_imports(bad, "basic_plugin.basic") == [
+        "basic_plugin", "basic_plugin.hookimpl", "basic_plugin.host.binding", "basic_plugin.host.binding.bind",
+        "basic_plugin.lab.tiny", "basic_plugin.lab.tiny.build_tiny_llava"]
+    assert _plugin_imports(bad, "basic_plugin.lab") == [
+        "basic_plugin", "basic_plugin.basic.losses", "basic_plugin.hookimpl", "basic_plugin.host.binding",
+        "basic_plugin.host.binding.bind"]
 
 
 def test_the_checker_sees_a_circle_through_a_function_level_import(tmp_path):

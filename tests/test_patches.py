@@ -470,7 +470,7 @@ def test_patched_llava_with_basic_trains_like_the_runtime_integration(runs):
     # the host's hooks ran inside the patched LLaVA's own train(): BASIC returned its objective
     trace = runs["patched"]["output"]
     assert "[llava-plugins] llava_objective -> ['basic']" in trace
-    assert "llava_objective returned [<basic_plugin.basic.plugin.BasicObjective" in trace
+    assert "llava_objective returned [<basic_plugin.basic.objective.BasicObjective" in trace
     # BASIC changed training: the loss differs from vanilla LLaVA's
     assert [e["loss"] for e in patched] != runs["vanilla"]["losses"]
 

@@ -5,7 +5,7 @@ import inspect
 import pytest
 import transformers
 
-import basic_plugin
+from basic_plugin.api import hookimpl
 from basic_plugin.host import hookspecs, plugins
 from basic_plugin.host.arguments import build_training_arguments
 from basic_plugin.basic.arguments import BasicArguments
@@ -142,7 +142,7 @@ class SentinelTower:
 
 
 class TowerPlugin:
-    @basic_plugin.hookimpl
+    @hookimpl
     def llava_build_vision_tower(self, vision_tower_cfg, kwargs):
         name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", ""))
         if name == "sentinel-tower":

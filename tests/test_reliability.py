@@ -160,7 +160,7 @@ def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava
 
 
 def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
-    from basic_plugin.basic import plugin as basic
+    from basic_plugin.basic import objective as basic
     from tests.test_basic_objective import BATCH, last_step, make_batch, make_model, ready
 
     real = basic.basic_terms

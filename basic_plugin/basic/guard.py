@@ -13,18 +13,11 @@ gross failures; a slow loss of accuracy shows only against a monitor-only run.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from basic_plugin.api import Verdict
+
 GUARD_CHOICES = ("warn", "stop", "off")
-
-
-@dataclass
-class Verdict:
-    """What the guard says at a logging step: the line to print, and whether to stop."""
-
-    message: str
-    stop: bool
 
 
 class Guard:

@@ -1,15 +1,18 @@
-"""BASIC's loss terms for one training batch, from the single forward's hidden states."""
+"""BASIC's objective for a run: its settings, and its loss terms and metrics for each training batch,
+from the single forward's hidden states."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+from basic_plugin.api import Objective
 from basic_plugin.basic.channels import keep_mask, standardize_rows
+from basic_plugin.basic.guard import Guard
 from basic_plugin.basic.health import health_metrics
-from basic_plugin.basic.target import target_layers
 from basic_plugin.basic.losses import basic_terms_fused, refined_target
 from basic_plugin.basic.patch_weights import image_attention_mass
+from basic_plugin.basic.target import target_layers
 
 
 @dataclass
@@ -131,3 +134,19 @@ def compared_rows(student: torch.Tensor, target: torch.Tensor, settings: BasicSe
     if keep is not None:
         student, target = student * keep, target * keep.to(target.dtype)
     return student, target
+
+
+class BasicObjective(Objective):
+    """BASIC for one run: its resolved settings; its terms and metrics for each batch; its guard's review."""
+
+    wants_hidden_states = True
+
+    def __init__(self, settings: BasicSettings, guard: Guard | None = None):
+        self.settings = settings
+        self.guard = guard or Guard(mode="off")
+
+    def terms(self, model, batch, outputs, image_positions):
+        return basic_terms(model, self.settings, batch, outputs, image_positions)
+
+    def review(self, logged):
+        return self.guard.review(logged)

@@ -1,12 +1,16 @@
-"""BASIC's hook implementations (registered through the ``llava`` entry point ``basic``)."""
+"""BASIC's hook implementations (registered through the ``llava`` entry point ``basic``): its flags,
+their validation, and its objective for a run (:class:`basic_plugin.basic.objective.BasicObjective`)."""
 from __future__ import annotations
 
-from basic_plugin import hookimpl
+from basic_plugin.api import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
 from basic_plugin.basic.channels import describe, find_massive_channels
 from basic_plugin.basic.guard import Guard
+from basic_plugin.basic.objective import BasicObjective, BasicSettings
 from basic_plugin.basic.target import default_depth, depth_range, valid_depth
-from basic_plugin.basic.objective import BasicSettings, basic_terms
+
+__all__ = ["BasicObjective", "BasicSettings", "settings_for", "llava_plugin_arguments", "llava_validate_arguments",
+           "llava_objective"]
 
 SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
 
@@ -97,22 +101,6 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
         query_chunk=training_args.basic_query_chunk, drop_channels=channels,
         standardize_target=bool(getattr(training_args, "basic_standardize_target", False)),
     )
-
-
-class BasicObjective:
-    """BASIC for one run: its resolved settings; its terms and metrics for each batch."""
-
-    wants_hidden_states = True
-
-    def __init__(self, settings: BasicSettings, guard: Guard | None = None):
-        self.settings = settings
-        self.guard = guard or Guard(mode="off")
-
-    def terms(self, model, batch, outputs, image_positions):
-        return basic_terms(model, self.settings, batch, outputs, image_positions)
-
-    def review(self, logged):
-        return self.guard.review(logged)
 
 
 @hookimpl

@@ -12,7 +12,7 @@ import os
 from transformers import TrainerCallback
 
 from basic_plugin.host.forward import PluginForwardMixin
-from basic_plugin.host.objective import StepRecord, bind
+from basic_plugin.host.binding import StepRecord, bind
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.progress import progress_callback
 from basic_plugin.host.refusal import RunStopped
@@ -122,9 +122,9 @@ def plugin_trainer_class(llava_trainer: type) -> type:
                     f"(limit --plugin_max_nonfinite_steps {limit})")
 
         def _review(self, logs):
-            """Objectives with a ``review(logged)`` method judge each logging step (the same on every rank)."""
+            """Each objective's ``review(logged)`` judges the logging step (the same on every rank)."""
             for objective in self.plugin_binding.objectives:
-                verdict = objective.review(dict(logs)) if hasattr(objective, "review") else None
+                verdict = objective.review(dict(logs))
                 if verdict is None:
                     continue
                 if self.args.process_index == 0:

@@ -63,7 +63,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from basic_plugin.host.objective import bind, binding_of
+from basic_plugin.host.binding import bind, binding_of
 from basic_plugin.lab.bench.flops import (CLIP_L_336, FINETUNE_TEXT, PRETRAIN_TEXT, VICUNA_7B, LLMShape, Workload,
                                           flop_share, llm_shape_of, tower_shape_of)
 from basic_plugin.lab.bench.machine import machine_info, sync

@@ -61,7 +61,7 @@ def bind_basic(model, *, lambda_das: float, lambda_sds: float, overrides: Option
     """Bind BASIC (stage 1, ``overrides`` of its flags) to ``model`` as the host does for a training run."""
     from basic_plugin.basic import plugin as basic
     from basic_plugin.basic.arguments import BasicArguments
-    from basic_plugin.host.objective import bind
+    from basic_plugin.host.binding import bind
 
     args = {**asdict(BasicArguments()), **(overrides or {}), "basic": True, "basic_lambda_das": lambda_das,
             "basic_lambda_sds": lambda_sds, "tune_mm_mlp_adapter": True}
@@ -87,7 +87,7 @@ def term_gradients(model, batches: Sequence[dict], *, lambda_das: float, lambda_
                    overrides: Optional[dict] = None) -> dict:
     """``{"lm", "das", "sds"}``: each a list of the projector parameters' gradients (float64, in
     ``parameters()`` order) of the caption loss and of each of BASIC's terms as added to it."""
-    from basic_plugin.host.objective import bind
+    from basic_plugin.host.binding import bind
 
     model.requires_grad_(False)
     for p in model.get_model().mm_projector.parameters():
