@@ -245,3 +245,57 @@ def test_plugin_environment_sorts_names(fresh_plugins, monkeypatch):
     with pytest.warns(plugins.UnknownPluginWarning):
         pm = fresh_plugins.load_plugins()
     assert {n for n in eps if pm.get_plugin(n) is None} == env.blocked
+
+
+# -- refusals while parsing, and what one parse records -----------------------------------------
+
+@pytest.mark.parametrize("exit_now", [False, True])
+def test_a_refusal_while_parsing_is_raised_or_ends_the_process_as_asked(tmp_path, capsys, monkeypatch, exit_now):
+    """Raised for our entry point to print; with ``exit_on_refusal`` (a patched LLaVA's own entry) one line, status 2."""
+    from basic_plugin.host.refusal import TRACEBACK_ENV, Refusal
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments], exit_on_refusal=exit_now)
+    argv = ["--output_dir", str(tmp_path / "out"), "--basic_lambda_das", "0.1", "--report_to", "none"]
+    expected = "--basic_lambda_das 0.1: set while --basic is off"
+    if exit_now:
+        with pytest.raises(SystemExit) as done:
+            transformers.HfArgumentParser((args_cls,)).parse_args_into_dataclasses(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}")
+    else:
+        with pytest.raises(Refusal, match=expected):
+            transformers.HfArgumentParser((args_cls,)).parse_args_into_dataclasses(argv)
+        assert capsys.readouterr().err == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_one_installation_records_while_parsing_no_other_sees():
+    """ModelArguments recorded by one installation of the host (a parse that stopped half-way) never reach
+    the validation hooks of another one."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.host.arguments import ParseRecord, recording
+
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def llava_validate_arguments(self, model_args, data_args, training_args):
+            seen.append(model_args)
+
+    first = ParseRecord()
+    recording(llava_train.ModelArguments, "model", first)(model_name_or_path="first-run")  # no TrainingArguments
+    plugins.load_plugins()
+    plugins.pm.register(Watcher(), name="watcher-test")
+    try:
+        second = ParseRecord()
+        model_cls = recording(llava_train.ModelArguments, "model", second)
+        args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments], parsed=second)
+        args_cls(output_dir="unused", report_to="none")
+        model_args = model_cls(model_name_or_path="second-run")
+        args_cls(output_dir="unused", report_to="none")
+    finally:
+        plugins.pm.unregister(name="watcher-test")
+    assert first["model"].model_name_or_path == "first-run"
+    assert seen == [None, model_args] and "model" not in second

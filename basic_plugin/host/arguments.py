@@ -7,6 +7,13 @@ plugin's argument dataclass plus the host's own, then runs the validation hooks
 with all three, so bad settings stop the run before the model loads. The data
 pre-flight is handed in by whoever builds the class (:mod:`basic_plugin.host.integration`
 hands :func:`basic_plugin.host.preflight.run_preflight`): parsing never imports it.
+
+What one parse records (the ModelArguments and DataArguments instances, for the validation
+hooks) lives in a :class:`ParseRecord` that the three classes of one host installation
+share, not in this module. A refusal found while parsing is a
+:class:`basic_plugin.host.refusal.Refusal`, raised for the entry point to print, or, for
+the classes a patched LLaVA's own entry uses (``exit_on_refusal``), printed at once
+(:func:`basic_plugin.host.refusal.refuse`).
 """
 from __future__ import annotations
 
@@ -18,12 +25,14 @@ import typing
 from typing import Callable
 
 from basic_plugin.host.plugins import load_plugins, pm
-from basic_plugin.host.refusal import Refusal
+from basic_plugin.host.refusal import Refusal, refuse
 
 CLASS_NAME = "PluginTrainingArguments"
 
-#: the ModelArguments / DataArguments instances of the parse in progress
-_parsed: dict[str, object] = {}
+
+class ParseRecord(dict):
+    """The ModelArguments / DataArguments instances of the parse in progress (keys ``model``, ``data``),
+    shared by the argument classes of one host installation; the TrainingArguments take them out."""
 
 
 @dataclasses.dataclass
@@ -139,23 +148,19 @@ def picklable_base(base: type) -> type:
     return object
 
 
-def refused(error: Refusal):
-    """Raise ``error`` (the entry point prints it), or exit at once where no entry point of ours can."""
-    from basic_plugin.host import refusal
-
-    if refusal.exit_at_refusal:
-        refusal.exit_with(error)
-    raise error
-
-
 def build_training_arguments(base: type, plugin_classes: list[type] | None = None, *,
-                             preflight: Callable | None = None) -> type:
+                             preflight: Callable | None = None, parsed: ParseRecord | None = None,
+                             exit_on_refusal: bool = False) -> type:
     """Return ``base`` extended with the host's fields and those of ``plugin_classes``
     (default: the loaded plugins').
 
     ``preflight(model_args, data_args, training_args, plugin_active=...)`` runs once the
     flags are valid (None: no data pre-flight, e.g. a class rebuilt to unpickle a run).
+    ``parsed``: where the :func:`recording` classes of the same installation put their
+    instances (None: nothing recorded, the hooks get None for both). ``exit_on_refusal``: a
+    refusal ends the process at once instead of being raised.
     """
+    parsed = ParseRecord() if parsed is None else parsed
     if plugin_classes is None:
         load_plugins()
         plugin_classes = plugin_argument_classes()
@@ -171,20 +176,18 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
 
     def __post_init__(self):
         base.__post_init__(self)
-        model_args, data_args = _parsed.pop("model", None), _parsed.pop("data", None)
+        model_args, data_args = parsed.pop("model", None), parsed.pop("data", None)
         try:
             host_checks(model_args, data_args, self)
             check_plugin_values(self, plugin_classes)
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
-        except Refusal as error:
-            refused(error)
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
-            refused(Refusal(str(error)))
+            refuse(error, exit_now=exit_on_refusal)
         try:
             if preflight is not None:
                 preflight(model_args, data_args, self, plugin_active=bool(active_plugin_classes(self, plugin_classes)))
         except Refusal as error:
-            refused(error)
+            refuse(error, exit_now=exit_on_refusal)
         if self.seed_model_init:
             import transformers
 
@@ -212,14 +215,15 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
     return cls
 
 
-def recording(base: type, key: str) -> type:
-    """``base`` (ModelArguments or DataArguments) recording each instance for the validation hooks."""
+def recording(base: type, key: str, parsed: ParseRecord) -> type:
+    """``base`` (ModelArguments or DataArguments) recording each instance in ``parsed[key]`` for the
+    validation hooks."""
     original_post_init = getattr(base, "__post_init__", None)
 
     def __post_init__(self):
         if original_post_init is not None:
             original_post_init(self)
-        _parsed[key] = self
+        parsed[key] = self
 
     cls = dataclasses.make_dataclass(base.__name__, [], bases=(base,), namespace={"__post_init__": __post_init__})
     cls.__module__ = base.__module__

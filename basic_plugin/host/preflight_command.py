@@ -12,7 +12,7 @@ import sys
 
 from basic_plugin.host.integration import apply_plugin_host
 from basic_plugin.host.preflight import REPORT_DIR
-from basic_plugin.host.refusal import Refusal
+from basic_plugin.host.refusal import Refusal, print_refusal
 
 
 def main(argv=None) -> int:
@@ -29,8 +29,7 @@ def main(argv=None) -> int:
     try:
         _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     except Refusal as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return print_refusal(error)
     if training_args.data_preflight == "off":
         print("--data_preflight off: nothing checked", file=sys.stderr)
         return 0

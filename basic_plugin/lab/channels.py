@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 TOP = 5
 SINK_RATIO = 10.0
 
@@ -229,16 +231,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(strip_separator(argv))
     llm = Path(args.llm)
     if not (llm / "config.json").is_file():
-        print(f"error: --llm {args.llm}: no config.json there; allowed: a Hugging Face LLM folder", file=sys.stderr)
-        return 2
+        return print_refusal(f"--llm {args.llm}: no config.json there; allowed: a Hugging Face LLM folder")
     drop = args.drop.strip()
     if drop != "auto" and not drop.isdigit():
-        print(f"error: --drop {args.drop!r} is invalid; allowed: auto or an integer N >= 0", file=sys.stderr)
-        return 2
+        return print_refusal(f"--drop {args.drop!r} is invalid; allowed: auto or an integer N >= 0")
     if (args.runs or args.vision_tower) and not args.images:
-        print("error: --images: none given; allowed: image files or folders (needed with --runs/--vision-tower)",
-              file=sys.stderr)
-        return 2
+        return print_refusal("--images: none given; allowed: image files or folders (needed with --runs/--vision-tower)")
     import torch
 
     from basic_plugin.basic.target import default_depth, depth_range, valid_depth
@@ -247,8 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     layers = json.loads((llm / "config.json").read_text())["num_hidden_layers"]
     depth = args.depth or default_depth(layers)
     if not valid_depth(depth, layers):
-        print(f"error: --depth {depth} is out of range; allowed: {depth_range(layers)}", file=sys.stderr)
-        return 2
+        return print_refusal(f"--depth {depth} is out of range; allowed: {depth_range(layers)}")
     torch.set_grad_enabled(False)
     if args.vision_tower or not args.runs:
         tokenizer, model, processor = initial_llava(str(llm), args.vision_tower) if args.vision_tower else \

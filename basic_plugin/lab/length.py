@@ -25,6 +25,8 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 LENGTHS = (100, 200, 300, 400)
 THRESHOLD = 0.30
 
@@ -63,8 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import sys
-
     from basic_plugin.lab.demo.run import strip_separator
     from basic_plugin.lab.sweep import (MONITOR_FLAGS, checkpoints, evaluate_run, in_pairs, train_run, workspace)
 
@@ -74,14 +74,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         lengths = []
     if not lengths or lengths[0] < 1:
-        print(f"error: --lengths {args.lengths!r} is invalid; allowed: comma-separated integers >= 1", file=sys.stderr)
-        return 2
+        return print_refusal(f"--lengths {args.lengths!r} is invalid; allowed: comma-separated integers >= 1")
     ws = workspace(args)
     bad = [n for n in lengths if n % ws.cfg["save_every"]]
     if bad:
-        print(f"error: --lengths {args.lengths}: {bad} not multiples of --save-every {ws.cfg['save_every']}; "
-              "allowed: multiples of it", file=sys.stderr)
-        return 2
+        return print_refusal(f"--lengths {args.lengths}: {bad} not multiples of --save-every {ws.cfg['save_every']}; "
+                      "allowed: multiples of it")
     longest, seeds = lengths[-1], list(range(ws.cfg["seeds"]))
 
     def train_and_score(seed):

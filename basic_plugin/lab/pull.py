@@ -31,6 +31,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 
 def caption_batch(records: Sequence[dict], tokenizer, image_processor, model_config, image_folder) -> dict:
     """A training batch of pretraining records as LLaVA's ``plain`` preprocessing and collator build it."""
@@ -220,8 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         overrides = parse_basic_flags(args.basic_flags)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_refusal(err)
     defaults = BasicArguments()
     lambda_das = overrides.pop("basic_lambda_das", defaults.basic_lambda_das)
     lambda_sds = overrides.pop("basic_lambda_sds", defaults.basic_lambda_sds)

@@ -44,12 +44,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
+
+from basic_plugin.host.refusal import print_refusal
 
 MONITOR_FLAGS = ["--basic_lambda_das", "0", "--basic_lambda_sds", "0"]
 CONFIGS: Dict[str, List[str]] = {
@@ -137,9 +138,8 @@ def workspace(args) -> Workspace:
     layers = json.loads((Path(paths["lm"]) / "config.json").read_text())["num_hidden_layers"]
     fmnist_dir = args.fmnist_dir or demo_data.FMNIST_DIR
     if not demo_data.fmnist_available(fmnist_dir):
-        print(f"error: --fmnist-dir {fmnist_dir}: Fashion-MNIST not found; allowed: {demo_data.INSTALL_HINT}",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(print_refusal(f"--fmnist-dir {fmnist_dir}: Fashion-MNIST not found; "
+                                f"allowed: {demo_data.INSTALL_HINT}"))
     data = demo_data.build_dataset(out / "data", train=cfg["train_images"], test=cfg["test"], val=cfg["val"],
                                    size=size, seed=0, fmnist_dir=fmnist_dir, progress=progress)
     return Workspace(out, cfg, paths, data, layers, progress)
@@ -298,13 +298,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
-        print(f"error: --configs: unknown {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
+        return print_refusal(f"--configs: unknown {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}")
     steps = args.steps or chosen_length(Path(args.out)) or (TINY["steps"] if args.tiny else None)
     if not steps:
-        print(f"error: --steps: no training length given and no {Path(args.out) / 'length.json'}; allowed: an "
-              "integer >= 1, or run `basic-llava length` with the same --out first", file=sys.stderr)
-        return 2
+        return print_refusal(f"--steps: no training length given and no {Path(args.out) / 'length.json'}; allowed: an "
+                      "integer >= 1, or run `basic-llava length` with the same --out first")
     ws = workspace(args)
     seeds = range(ws.cfg["seeds"])
     start = time.perf_counter()
