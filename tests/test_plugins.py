@@ -299,3 +299,27 @@ def test_what_one_installation_records_while_parsing_no_other_sees():
         plugins.pm.unregister(name="watcher-test")
     assert first["model"].model_name_or_path == "first-run"
     assert seen == [None, model_args] and "model" not in second
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+def test_the_plugin_trainer_is_llavas_with_the_mixin_in_front():
+    import llava.train.llava_trainer as llava_trainer
+
+    from basic_plugin.host.trainer import PluginTrainerMixin, plugin_trainer_class
+
+    cls = plugin_trainer_class(llava_trainer.LLaVATrainer)
+    assert issubclass(cls, llava_trainer.LLaVATrainer) and cls.__mro__[1] is PluginTrainerMixin
+    assert cls.__name__ == "PluginTrainer" and cls.__module__ == "basic_plugin.host.trainer"
+    assert plugin_trainer_class(cls) is cls  # built once: a second install replaces nothing
+
+
+def test_a_streak_counts_in_all_in_a_row_and_in_the_window():
+    from basic_plugin.host.trainer import Streak
+
+    streak = Streak()
+    seen = []
+    for bad in (True, True, False, True, True, True):
+        streak.add(bad)
+        seen.append((streak.total, streak.in_a_row, streak.in_window))
+    assert seen == [(1, 1, 1), (2, 2, 2), (2, 0, 2), (3, 1, 3), (4, 2, 4), (5, 3, 5)]
