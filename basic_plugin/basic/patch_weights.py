@@ -48,6 +48,8 @@ from typing import Sequence
 
 import torch
 
+from basic_plugin.basic.arguments import flag_default
+
 __all__ = ["image_attention_mass"]
 
 
@@ -127,7 +129,7 @@ def image_attention_mass(
     *,
     depth,
     position_ids=None,
-    query_chunk=256,
+    query_chunk=flag_default("basic_query_chunk"),
 ) -> torch.Tensor:
     """Per image row, the mean attention probability it receives from later text tokens.
 

@@ -72,7 +72,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
     With ``--basic_drop_channels`` other than 0 the channels are found here, from the LLM and
     ``tokenizer`` (:func:`basic_plugin.basic.channels.find_massive_channels`), and logged once.
     """
-    if not getattr(training_args, "basic", False):
+    if not training_args.basic:
         return None
     pretraining = bool(getattr(training_args, "tune_mm_mlp_adapter", False))
     if (pretraining and not training_args.basic_pretrain) or (not pretraining and not training_args.basic_finetune):
@@ -84,7 +84,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
     depth = training_args.basic_depth or default_depth(layers)
     if not valid_depth(depth, layers):
         raise ValueError(f"--basic_depth {depth} is out of range; allowed: {depth_range(layers)} for this LLM")
-    spec = str(getattr(training_args, "basic_drop_channels", "0")).strip()
+    spec = str(training_args.basic_drop_channels).strip()
     channels: tuple = ()
     if spec not in ("0", ""):
         if tokenizer is None:
@@ -93,14 +93,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
         channels = tuple(found["channels"])
         if getattr(training_args, "process_index", 0) == 0:
             print(f"[basic] {describe(found, spec)}", flush=True)
-    return BasicSettings(
-        depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,
-        temperature=training_args.basic_temperature, vocab=training_args.basic_vocab,
-        detach_vocab=training_args.basic_detach_vocab, patch_weights=training_args.basic_patch_weights,
-        kl=training_args.basic_kl, sds_chunk_size=training_args.basic_sds_chunk_size,
-        query_chunk=training_args.basic_query_chunk, drop_channels=channels,
-        standardize_target=bool(getattr(training_args, "basic_standardize_target", False)),
-    )
+    return BasicSettings.from_flags(training_args, depth=depth, drop_channels=channels)
 
 
 @hookimpl
@@ -108,8 +101,4 @@ def llava_objective(model, tokenizer, training_args, data_args):
     settings = settings_for(model, training_args, tokenizer)
     if settings is None:
         return None
-    guard = Guard(mode=getattr(training_args, "basic_guard", "warn"),
-                  window=getattr(training_args, "basic_guard_window", 5),
-                  collapse=getattr(training_args, "basic_guard_collapse", 0.9),
-                  share=getattr(training_args, "basic_guard_share", 0.5))
-    return BasicObjective(settings, guard)
+    return BasicObjective(settings, Guard.from_flags(training_args))
