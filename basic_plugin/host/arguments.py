@@ -28,6 +28,8 @@ from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.refusal import Refusal, refuse
 
 CLASS_NAME = "PluginTrainingArguments"
+#: --data_preflight's values (basic_plugin.host.preflight.resolve_mode says what auto becomes)
+PREFLIGHT_MODES = ("auto", "full", "fast", "off")
 
 
 class ParseRecord(dict):
@@ -50,7 +52,7 @@ class HostArguments:
         "help": "Check every record of --data_path before the model loads: fast (keys, turns, <image> tags, "
                 "image inside --image_folder and present, LLaVA's preprocess on a sample), full (also decodes "
                 "every image and preprocesses every record), off. auto: fast when a plugin is on, else off.",
-        "choices": ["auto", "full", "fast", "off"]})
+        "choices": list(PREFLIGHT_MODES)})
     skip_bad_records: bool = dataclasses.field(default=False, metadata={
         "help": "When the pre-flight finds unusable records, train on the others (listed in "
                 "<output_dir>/preflight/report.json) instead of stopping."})
@@ -84,8 +86,9 @@ def host_checks(model_args, data_args, training_args) -> None:
             and getattr(model_args, "mm_use_im_start_end", False):
         raise ValueError("--tune_mm_mlp_adapter True with --mm_use_im_start_end True is not supported by LLaVA "
                          "(it fails at the first step); allowed: --mm_use_im_start_end False for pretraining")
-    if training_args.data_preflight not in ("auto", "full", "fast", "off"):
-        raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; allowed: auto|full|fast|off")
+    if training_args.data_preflight not in PREFLIGHT_MODES:
+        raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; "
+                      f"allowed: {'|'.join(PREFLIGHT_MODES)}")
     if training_args.plugin_max_nonfinite_steps < 1:
         raise ValueError(f"--plugin_max_nonfinite_steps {training_args.plugin_max_nonfinite_steps} is invalid; "
                          "allowed: an integer >= 1")

@@ -27,7 +27,6 @@ from typing import Optional
 from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
 from basic_plugin.host.refusal import Refusal
 
-MODES = ("auto", "full", "fast", "off")
 #: records whose token counts the ``fast`` mode checks (evenly spaced over the file)
 FAST_TOKEN_SAMPLE = 1000
 #: records named per problem kind in the report
