@@ -45,6 +45,21 @@ def test_allow_list_env(fresh_plugins, monkeypatch):
     assert fresh_plugins.load_plugins().get_plugin("basic") is not None
 
 
+@pytest.mark.parametrize("variables", [{"LLAVA_PLUGINS": "basic"}, {"LLAVA_PLUGINS_BLOCK": "basic-llava"},
+                                       {"LLAVA_PLUGINS": ""}])
+def test_the_hosts_own_plugin_is_never_kept_out(fresh_plugins, monkeypatch, variables):
+    """``basic-llava`` (the host's answer to a patched LLaVA) is the host's, not a plugin to pick: always loaded."""
+    from basic_plugin.host import native
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    pm = fresh_plugins.load_plugins()
+    assert pm.get_plugin("basic-llava") is native and not pm.is_blocked("basic-llava")
+    assert "basic-llava" in [i.plugin_name for i in pm.hook.llava_train_classes.get_hookimpls()]
+    assert "basic-llava" not in fresh_plugins.blocked_names()
+    assert (pm.get_plugin("basic") is None) == ("basic" not in variables.get("LLAVA_PLUGINS", "basic"))
+
+
 def test_trace_env_prints_hook_calls(fresh_plugins, monkeypatch, capsys):
     monkeypatch.setenv(plugins.TRACE_ENV, "1")
     pm = fresh_plugins.load_plugins()

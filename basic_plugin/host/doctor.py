@@ -201,9 +201,21 @@ def check_plugins(env=None) -> Check:
     return Check("plugins", OK, found, "ok")
 
 
+def _unblocking(name: str, env) -> str:
+    """What to change so that the variables no longer keep entry point ``name`` out."""
+    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV
+
+    fixes = []
+    if name in env.block:
+        fixes.append(f"remove {name} from {BLOCK_ENV}")
+    if env.allow is not None and name not in env.allow:
+        fixes.append(f"add {name} to {ALLOW_ENV} (or unset it)")
+    return " and ".join(fixes)
+
+
 def check_basic_plugin(env=None) -> Check:
     """``--basic`` needs the ``basic`` entry point installed and not blocked."""
-    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
+    from basic_plugin.host.plugins import plugin_environment
 
     env = env or plugin_environment()
     name = BASIC_PLUGIN
@@ -211,19 +223,15 @@ def check_basic_plugin(env=None) -> Check:
         return Check(f"plugin {name}", BAD, None, "not installed: `pip install -e .` in this repository "
                                                   "registers it (--basic is unknown without it)")
     if name in env.blocked:
-        fixes = []
-        if name in env.block:
-            fixes.append(f"remove {name} from {BLOCK_ENV}")
-        if env.allow is not None and name not in env.allow:
-            fixes.append(f"add {name} to {ALLOW_ENV} (or unset it)")
-        return Check(f"plugin {name}", BAD, "blocked", f"--basic is unknown while it is blocked: "
-                                                         + " and ".join(fixes))
+        return Check(f"plugin {name}", BAD, "blocked", "--basic is unknown while it is blocked: "
+                                                         + _unblocking(name, env))
     return Check(f"plugin {name}", OK, env.installed[name], "ok")
 
 
 def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
-    """A patched LLaVA takes ``--basic`` through the ``basic-llava`` entry point (it honours the block list)."""
-    from basic_plugin.host.plugins import BLOCK_ENV, plugin_environment
+    """A patched LLaVA takes ``--basic`` through the ``basic-llava`` entry point; its own plugin manager
+    applies ``LLAVA_PLUGINS`` and ``LLAVA_PLUGINS_BLOCK`` to it like to any other entry point."""
+    from basic_plugin.host.plugins import plugin_environment
 
     env = env or plugin_environment()
     hooks = probe_llava_hooks() if hooks == "probe" else hooks
@@ -232,9 +240,9 @@ def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
     if name not in env.installed:
         return Check(f"plugin {name}", status, None, "not installed: `pip install -e .` in this repository; "
                                                      "a patched LLaVA's own entry needs it for --basic")
-    if name in env.block:
-        return Check(f"plugin {name}", status, "blocked", f"remove {name} from {BLOCK_ENV}: a patched LLaVA's "
-                                                          "own entry ignores plugin flags while it is blocked")
+    if name in env.blocked:
+        return Check(f"plugin {name}", status, "blocked", f"{_unblocking(name, env)}: a patched LLaVA's own entry "
+                                                          "ignores plugin flags (--basic is unknown) while it is blocked")
     return Check(f"plugin {name}", OK, env.installed[name], "ok")
 
 
