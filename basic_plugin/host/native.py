@@ -20,8 +20,11 @@ unpatched one. The vision-tower seam needs nothing here: the patched LLaVA asks
 
 Both hooks are specified once, in :mod:`basic_plugin.host.hookspecs`; the patch's
 ``llava/plugins.py`` carries the same specs (``patches/build_patch.py`` writes them in).
-The host's own plugin manager loads this entry point too, and knows the hook, so this
-implementation passes its validation like any other plugin's.
+The host's own plugin manager registers this module itself, on every load and whatever
+``LLAVA_PLUGINS`` says (:data:`basic_plugin.host.plugins.BUILTIN_PLUGINS`), and knows the
+hook, so this implementation passes its validation like any other plugin's. A patched
+LLaVA's manager loads it as the entry point ``basic-llava`` and applies ``LLAVA_PLUGINS`` /
+``LLAVA_PLUGINS_BLOCK`` to it (``basic-llava doctor`` reports it when they keep it out).
 
 When the runtime integration is already in place (``python -m basic_plugin.train`` on a
 patched LLaVA), the classes LLaVA passes are already the host's: nothing is replaced twice.
