@@ -2,7 +2,7 @@
 
 All row tensors are per image token: ``student`` is the projector output ``v_i`` (N, d),
 ``target`` the refined embedding ``vhat_i`` (N, d), ``weights`` the per-patch weights
-``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). The formulas are in INTEGRATION.md ("BASIC's flags").
+``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). The formulas: docs/DECISIONS.md.
 
 Precision: math runs in fp32 for fp32/bf16/fp16 inputs (float64 stays float64, so
 ``torch.autograd.gradcheck`` is meaningful), with autocast disabled, because softmax/KL over

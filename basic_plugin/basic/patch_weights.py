@@ -1,4 +1,4 @@
-"""BASIC per-patch weights a_i (BASIC.md, decision D3), recomputed from hidden states.
+"""BASIC per-patch weights a_i (docs/DECISIONS.md, decision D3), recomputed from hidden states.
 
     a_i = mean over decoder layers l = 1..k, over all attention heads, and over the text
           query tokens j that come after the image, of softmax-attention(query j -> key i)
