@@ -105,8 +105,8 @@ def test_pretraining_into_a_folder_with_checkpoints_is_refused(host_parser, tiny
 def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message):
     from basic_plugin.host import versions
 
-    real = versions._version
-    monkeypatch.setattr(versions, "_version", lambda dist: found if dist in (package, "llava") else real(dist))
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version", lambda dist: found if dist in (package, "llava") else real(dist))
     from basic_plugin.host.refusal import Refusal
 
     with pytest.raises(Refusal) as error:

@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from basic_plugin.host.versions import installed_version
 
 OK, BAD, INFO = "ok", "bad", "info"
 
@@ -74,8 +75,8 @@ def probe_flash_attn() -> tuple[bool, str | None, str | None]:
     try:
         import flash_attn
     except Exception as exc:  # noqa: BLE001 - e.g. built against another torch/CUDA
-        return True, _dist_version("flash-attn"), f"{type(exc).__name__}: {exc}"
-    return True, getattr(flash_attn, "__version__", None) or _dist_version("flash-attn"), None
+        return True, installed_version("flash-attn"), f"{type(exc).__name__}: {exc}"
+    return True, getattr(flash_attn, "__version__", None) or installed_version("flash-attn"), None
 
 
 def probe_llava_hooks() -> str | None:
@@ -99,13 +100,6 @@ def probe_llava_hooks() -> str | None:
         if path.is_file():
             return "patched" if "llava_train_classes" in path.read_text(errors="replace") else "other"
     return None
-
-
-def _dist_version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 # -- checks ------------------------------------------------------------------------------------
