@@ -78,15 +78,12 @@ def main(argv=None) -> int:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     panels = (("das_over_lm", "|grad of L_das| / |grad of caption loss|"),
               ("cos_das_lm", "cos(grad L_das, grad caption loss)"),
               ("das_top_share", "grad L_das on the target's top-5 channels"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), dpi=90)
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), dpi=90)
     for i, (name, r) in enumerate(results.items()):
         steps = sorted(r["steps"], key=int)
         for ax, (key, title) in zip(axes, panels):
@@ -98,9 +95,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("step (projector of that step; paper's weights)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -143,7 +143,6 @@ def test_hook_llava_objective_in_process(example_plugin, tmp_path):
     """The example's objective, from the hook, against a float64 reference of its term."""
     import types
 
-    import numpy as np
 
     from basic_plugin.api import ForwardBatch, Objective
     from basic_plugin.host.plugins import pm

@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
 
     args = build_parser().parse_args(strip_separator(argv))
     llm = Path(args.llm)
@@ -327,13 +327,10 @@ def text(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     t = report["text"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b) = subplots(1, 2, figsize=(11, 3.8))
     shown = []
     for r in t["layers"]:
         for c in r["channels"][:3]:
@@ -360,9 +357,7 @@ def plot(report: dict, path: Path) -> None:
     b.set_ylabel(f"% of a token's squared norm in its top {report['top']}")
     b.set_title(f"how concentrated the target is (depth {report['depth']})", fontsize=10)
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":  # pragma: no cover

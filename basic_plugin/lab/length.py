@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
     from basic_plugin.lab.sweep import (MONITOR_FLAGS, checkpoints, evaluate_run, in_pairs, train_run, workspace)
 
     args = build_parser().parse_args(strip_separator(argv))
@@ -121,14 +121,11 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     rows = report["rows"]
     lengths = [r["steps"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     for i, s in enumerate(report["seeds"]):
         ax.plot(lengths, [100 * r["calibrated"][i] for r in rows], marker="o", lw=1.2, label=f"seed {s}")
     ax.plot(lengths, [100 * statistics.fmean(r["calibrated"]) for r in rows], color="black", lw=2.2, label="mean")
@@ -140,9 +137,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("monitor arm (= baseline): length curve", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -291,7 +291,7 @@ def chosen_length(out: Path) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
     from basic_plugin.lab.provenance import code_version, machine
 
     args = build_parser().parse_args(strip_separator(argv))
@@ -415,13 +415,10 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     names = list(report["validation"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 3.8))
+    fig, ax = subplots(figsize=(max(6, 1.2 * len(names) + 2), 3.8))
     for i, name in enumerate(names):
         per_seed = report["validation"][name]["per_seed_calibrated"]
         ax.scatter([i - 0.12] * len(per_seed), [100 * x for x in per_seed], color="C0", alpha=0.45, s=14)
@@ -437,9 +434,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("calibrated zero-shot accuracy (%)")
     ax.set_title(f"{report['config']['steps']} steps: dots = seeds, bars = mean of seeds (chance 10%)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 CURVES = (("lm_loss", "caption (lm) loss"), ("basic_weighted_cos", "a_i-weighted cos(v, vhat)"),
@@ -449,12 +444,9 @@ CURVES = (("lm_loss", "caption (lm) loss"), ("basic_weighted_cos", "a_i-weighted
 
 def plot_curves(logs: Dict[str, List[List[dict]]], path: Path) -> None:
     """Per-step health curves, one line per configuration (mean over seeds, 5-step running mean)."""
-    import matplotlib
+    from basic_plugin.lab.plots import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), dpi=90)
+    fig, axes = subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), dpi=90)
     for i, (name, histories) in enumerate(logs.items()):
         for ax, (key, title) in zip(axes, CURVES):
             series = [step_curves(h, key) for h in histories]
@@ -472,9 +464,7 @@ def plot_curves(logs: Dict[str, List[List[dict]]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

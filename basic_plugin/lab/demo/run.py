@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.lab.argv import strip_separator
+
 DEFAULTS = {"steps": 100, "batch": 8, "test": 300, "lens_images": 30, "seeds": 1, "lr": 1e-3}
 FULL = {"steps": 300, "test": 6000, "seeds": 3}
 TINY = {"steps": 2, "batch": 2, "test": 10, "lens_images": 4, "seeds": 1}
@@ -193,11 +195,6 @@ def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progre
         for bar in bars.values():
             bar.close()
 
-
-def strip_separator(argv):
-    """Drop a leading ``--`` (``basic-llava JOB -- --flag ...`` hands it through)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return argv[1:] if argv[:1] == ["--"] else argv
 
 
 def build_parser() -> argparse.ArgumentParser:
