@@ -125,6 +125,61 @@ def test_the_example_plugin_imports_only_the_api():
     assert _plugin_imports(example, None) == []
 
 
+#: the host's process-wide state, as basic_plugin/host/__init__.py lists it (module -> names)
+HOST_STATE = {"plugins": {"pm", "_loaded", "_undo_trace"}, "integration": {"_originals"}, "cpu": {"_undo_stack"},
+              "binding": {"_bindings"}, "forward": {"_cache"}}
+
+
+def module_state(path: Path) -> set:
+    """Names ``path`` rebinds from functions (``global``) or binds at module level to an empty container,
+    a weak map or a plugin manager."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = {n for node in ast.walk(tree) if isinstance(node, ast.Global) for n in node.names}
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            value = node.value
+            empty = isinstance(value, (ast.Dict, ast.List, ast.Set)) and not (
+                value.keys if isinstance(value, ast.Dict) else value.elts)
+            built = isinstance(value, ast.Call) and (getattr(value.func, "attr", None) or getattr(value.func, "id", None)) \
+                in {"dict", "list", "set", "WeakKeyDictionary", "WeakValueDictionary", "PluginManager"}
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if empty or built:
+                names |= {t.id for t in targets if isinstance(t, ast.Name)}
+    return names
+
+
+def set_from_outside(path: Path, package: str = "basic_plugin.host") -> set:
+    """``(module, name)`` for each ``module.name = ...`` in ``path`` on a module of ``package`` it imported."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == package:
+            imported.update({a.asname or a.name: a.name for a in node.names})
+    return {(imported[t.value.id], t.attr) for node in ast.walk(tree) if isinstance(node, (ast.Assign, ast.AnnAssign))
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id in imported}
+
+
+def test_the_hosts_module_level_state_is_the_listed_one():
+    found = {p.stem: state for p in modules(PACKAGE / "host") if (state := module_state(p))}
+    for path in modules(PACKAGE / "host"):
+        for module, name in set_from_outside(path):
+            found.setdefault(module, set()).add(name)
+    assert found == HOST_STATE
+    doc = (PACKAGE / "host" / "__init__.py").read_text(encoding="utf-8")
+    assert all(f"``{module}.{name}``" in doc for module, names in HOST_STATE.items() for name in names)
+
+
+def test_the_state_checker_sees_a_new_global(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import weakref\nCONSTANT = {'a': 1}\n_seen = []\n_map = weakref.WeakKeyDictionary()\n"
+                    "_flag = False\n\ndef f():\n    global _flag\n    _flag = True\n")
+    assert module_state(path) == {"_seen", "_map", "_flag"}
+    other = tmp_path / "n.py"
+    other.write_text("from basic_plugin.host import refusal\n\ndef f():\n    refusal.exit_at_refusal = True\n")
+    assert set_from_outside(other) == {("refusal", "exit_at_refusal")}
+
+
 def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "x.py"
     bad.write_text("from basic_plugin.lab.tiny import build_tiny_llava\nimport basic_plugin.basic.losses\n"
