@@ -326,7 +326,7 @@ def test_the_plugin_trainer_is_llavas_with_the_mixin_in_front():
     cls = plugin_trainer_class(llava_trainer.LLaVATrainer)
     assert issubclass(cls, llava_trainer.LLaVATrainer) and cls.__mro__[1] is PluginTrainerMixin
     assert cls.__name__ == "PluginTrainer" and cls.__module__ == "basic_plugin.host.trainer"
-    assert plugin_trainer_class(cls) is cls  # built once: a second install replaces nothing
+    assert plugin_trainer_class(cls) is cls  # a hosted class is left as it is: nothing wrapped twice
 
 
 def test_a_streak_counts_in_all_in_a_row_and_in_the_window():

@@ -2,10 +2,10 @@
 
 :class:`PluginTrainerMixin` goes in front of LLaVA's ``LLaVATrainer`` (as
 :class:`basic_plugin.host.forward.PluginForwardMixin` goes in front of its model classes):
-:func:`plugin_trainer_class` builds that subclass once per trainer class. With no objective
-for the run, every method below defers to LLaVA's own (the one exception, kept for every
-run: empty optimizer groups are dropped, a fix for LoRA with ``--mm_projector_lr`` under
-DeepSpeed).
+:func:`plugin_trainer_class` builds that subclass (a class already hosted is returned as
+it is). With no objective for the run, every method below defers to LLaVA's own (the one
+exception, kept for every run: empty optimizer groups are dropped, a fix for LoRA with
+``--mm_projector_lr`` under DeepSpeed).
 """
 from __future__ import annotations
 
