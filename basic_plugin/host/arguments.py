@@ -186,11 +186,11 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
             refuse(error, exit_now=exit_on_refusal)
-        try:
-            if preflight is not None:
+        if preflight is not None:
+            try:
                 preflight(model_args, data_args, self, plugin_active=bool(active_plugin_classes(self, plugin_classes)))
-        except Refusal as error:
-            refuse(error, exit_now=exit_on_refusal)
+            except Refusal as error:
+                refuse(error, exit_now=exit_on_refusal)
         if self.seed_model_init:
             import transformers
 

@@ -99,7 +99,10 @@ def plugin_environment() -> PluginEnvironment:
 def blocked_names() -> set[str]:
     """Names this manager keeps from loading: the environment's (``LLAVA_PLUGINS_BLOCK`` as given), but
     never a built-in plugin's."""
-    env = plugin_environment()
+    return _kept_out(plugin_environment())
+
+
+def _kept_out(env: PluginEnvironment) -> set[str]:
     return (set(env.blocked) | set(env.block)) - set(BUILTIN_PLUGINS)
 
 
@@ -116,7 +119,7 @@ def load_plugins() -> pluggy.PluginManager:
     for name, module in BUILTIN_PLUGINS.items():  # by name, as an entry point is: the module imports the host
         if pm.get_plugin(name) is None:
             pm.register(importlib.import_module(module), name=name)
-    for name in blocked_names():
+    for name in _kept_out(env):
         pm.set_blocked(name)
     for name, ep in sorted(available_entry_points().items()):
         if pm.is_blocked(name) or pm.get_plugin(name) is not None:
