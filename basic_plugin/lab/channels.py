@@ -240,13 +240,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from basic_plugin.basic.target import default_depth, depth_range, valid_depth
-    from basic_plugin.lab.lens import load_images, load_llava
 
     layers = json.loads((llm / "config.json").read_text())["num_hidden_layers"]
     depth = args.depth or default_depth(layers)
     if not valid_depth(depth, layers):
         return print_refusal(f"--depth {depth} is out of range; allowed: {depth_range(layers)}")
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # not set_grad_enabled(False): the caller's process keeps its gradients
+        report = _report(args, llm, depth, drop)
+    print(text(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _report(args, llm: Path, depth: int, drop: str) -> dict:
+    """The text probe's report, and the images' for ``--vision-tower`` / ``--runs`` (no gradients needed)."""
+    from basic_plugin.lab.lens import load_images, load_llava
+
     if args.vision_tower or not args.runs:
         tokenizer, model, processor = initial_llava(str(llm), args.vision_tower) if args.vision_tower else \
             (*_llm_only(llm), None)
@@ -262,13 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for run in args.runs:
             tokenizer, model, processor = load_llava(run, str(llm))
             report["images"][run] = image_report(model, tokenizer, processor, files, depth, dropped, args.top)
-    print(text(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    if args.plot:
-        plot(report, Path(args.plot))
-        print(f"plot: {args.plot}")
-    return 0
+    return report
 
 
 def _llm_only(llm: Path):
