@@ -50,7 +50,7 @@ JOBS = {
     "channels": ("basic_plugin.lab.channels", "where BASIC's target keeps its energy, per layer and token (before training)"),
     "length": ("basic_plugin.lab.length", "the grid's training length, chosen on the monitor arm alone (resumable)"),
     "sweep": ("basic_plugin.lab.sweep", "BASIC's settings on the demo's model, chosen on a validation split (resumable)"),
-    "preflight": ("basic_plugin.host.preflight", "check a LLaVA dataset as training would (same flags), loading no model"),
+    "preflight": ("basic_plugin.host.preflight_command", "check a LLaVA dataset as training would (same flags), loading no model"),
     "bench": ("basic_plugin.lab.bench", "BASIC's memory and time cost, naive vs chunked, and per training step"),
 }
 

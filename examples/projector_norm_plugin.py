@@ -8,7 +8,7 @@ hands its objective the LLaVA model itself, and keeps its state in the objective
 from dataclasses import dataclass
 from typing import ClassVar
 
-from basic_plugin import hookimpl
+from basic_plugin.api import Objective, hookimpl
 
 
 @dataclass
@@ -19,8 +19,8 @@ class ProjectorNormArguments:
     projector_norm_weight: float = 0.01
 
 
-class ProjectorNorm:
-    """The plugin's objective for one run: its weight, and its term for each batch."""
+class ProjectorNorm(Objective):
+    """The plugin's objective for one run: its weight, and its term for each batch (no review)."""
 
     wants_hidden_states = False
 

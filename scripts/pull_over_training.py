@@ -79,16 +79,13 @@ def main(argv=None) -> int:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     panels = (("das_over_lm", "|grad L_das| / |grad caption loss|"),
               ("cos_das_lm", "cos(grad L_das, grad caption loss)"),
               ("das_massive_share", "grad L_das on the LLM's massive channels"),
               ("das_gradient_top_share", "grad L_das on its own top-5 channels"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), dpi=90)
+    fig, axes = subplots(1, len(panels), figsize=(4.2 * len(panels), 3.3), dpi=90)
     for i, (name, r) in enumerate(results.items()):
         steps = sorted(r["steps"], key=int)
         for ax, (key, title) in zip(axes, panels):
@@ -100,9 +97,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_xlabel("step (the run's projector at that step)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -317,25 +317,25 @@ def test_second_install_is_a_fast_no_op(assets):
 
 
 def test_manifest_checksums_catch_a_changed_file(assets, tmp_path):
-    from basic_plugin.lab.assets import install
+    from basic_plugin.lab.assets import cache as asset_cache, catalog
 
     cache = Path(assets["llm"]).parent
-    asset = next(a for a in install.ASSETS if a.key == "llama_tokenizer")
+    asset = next(a for a in catalog.ASSETS if a.key == "llama_tokenizer")
     manifest = json.loads((cache / "manifest.json").read_text())
     for entry in manifest["assets"][asset.key]["files"].values():
         assert len(entry["sha256"]) == 64
     # a copy of the small parts of the cache (new mtimes: every file is re-hashed, and matches)
     shutil.copytree(cache / asset.folder, tmp_path / asset.folder)
     shutil.copytree(cache / "sources" / asset.archive, tmp_path / "sources" / asset.archive)
-    assert install._entry_valid(tmp_path, manifest, asset)
+    assert asset_cache.asset_problems(tmp_path, manifest, asset) == []
     cfg = tmp_path / asset.folder / "tokenizer_config.json"
     st = cfg.stat()
     cfg.write_text(cfg.read_text().replace('"padding_side": "right"', '"padding_side": "left" '))
     os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: only the content tells
     assert (cfg.stat().st_size, cfg.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
-    assert not install._entry_valid(tmp_path, manifest, asset)
+    assert asset_cache.asset_problems(tmp_path, manifest, asset)
     (tmp_path / asset.folder / "tokenizer_config.json").unlink()
-    assert not install._entry_valid(tmp_path, manifest, asset)
+    assert asset_cache.asset_problems(tmp_path, manifest, asset)
 
 
 def test_assets_verify_rehashes_the_installed_cache(assets, capsys):
@@ -425,8 +425,10 @@ def _pip_env(monkeypatch, **env) -> None:
         monkeypatch.setenv(key, value)
 
 
-def _fake_release(monkeypatch, install, archive, calls: list) -> None:
-    """``install`` with one archive and one result, converted by copying the extracted file."""
+def _fake_release(monkeypatch, archive, calls: list) -> None:
+    """The catalog with one archive and one result, converted by copying the extracted file."""
+    from basic_plugin.lab.assets import catalog
+
     def convert(sources, out, progress):
         calls.append([Path(s).name for s in sources])
         out.mkdir(parents=True)
@@ -434,30 +436,30 @@ def _fake_release(monkeypatch, install, archive, calls: list) -> None:
         (out / "weights.bin").write_bytes(data)
         (out / "config.json").write_text(json.dumps({"bytes": len(data)}))
 
-    monkeypatch.setattr(install, "ARCHIVES", {"fake": archive})
-    monkeypatch.setattr(install, "ASSETS", (install.Asset("fake", "fake", "fake-result", "fake-1", convert, ()),))
+    monkeypatch.setattr(catalog, "ARCHIVES", {"fake": archive})
+    monkeypatch.setattr(catalog, "ASSETS", (catalog.Asset("fake", "fake", "fake-result", "fake-1", convert, ()),))
 
 
 @pytest.mark.parametrize("listed", [True, False], ids=["index-lists-its-sha256", "index-lists-no-hash"])
 def test_wrong_hash_archive_is_refused_before_any_of_its_code_runs(tmp_path, monkeypatch, listed):
-    from basic_plugin.lab.assets import install
+    from basic_plugin.lab.assets import catalog, download, install
 
     marker = tmp_path / "code-ran"
     served = _fake_sdist(tmp_path / "files", marker)
     _pip_env(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "index", served, "fakesdist", listed).as_uri())
     pinned = hashlib.sha256(b"the release that was pinned").hexdigest()
-    archive = install.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
+    archive = catalog.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
     calls: list = []
-    _fake_release(monkeypatch, install, archive, calls)
+    _fake_release(monkeypatch, archive, calls)
     cache = tmp_path / "cache"
-    with pytest.raises(install.HashMismatch, match="refused fakesdist==1.0") as info:
+    with pytest.raises(download.HashMismatch, match="refused fakesdist==1.0") as info:
         install.install_assets(cache, progress=False)
     assert ("listed with sha256" in str(info.value)) == listed
     assert not marker.exists()
     assert list((cache / "downloads").iterdir()) == []  # not even a partial file is left
     assert not (cache / "sources").exists() and calls == [] and not (cache / "manifest.json").exists()
     # control: the same file pinned with its own digest is taken, extracted and converted
-    _fake_release(monkeypatch, install, dataclasses.replace(archive, sha256=_sha(served)), calls)
+    _fake_release(monkeypatch, dataclasses.replace(archive, sha256=_sha(served)), calls)
     paths = install.install_assets(cache, progress=False)
     assert calls == [["payload.bin"]]
     assert (cache / "downloads" / served.name).read_bytes() == served.read_bytes()
@@ -467,36 +469,36 @@ def test_wrong_hash_archive_is_refused_before_any_of_its_code_runs(tmp_path, mon
 
 def test_pip_hash_checking_mode_refuses_before_the_sdist_build_backend_runs(tmp_path, monkeypatch):
     """The fallback: ``pip download --require-hashes`` compares the sha256 before it prepares metadata."""
-    from basic_plugin.lab.assets import install
+    from basic_plugin.lab.assets import catalog, download
 
     marker = tmp_path / "code-ran"
     links = tmp_path / "links"
     served = _fake_sdist(links, marker)
     _pip_env(monkeypatch, PIP_NO_INDEX="1", PIP_FIND_LINKS=str(links))
     pinned = hashlib.sha256(b"the release that was pinned").hexdigest()
-    wrong = install.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
+    wrong = catalog.Archive("fakesdist", "1.0", "fakesdist-1.0.tar.gz", pinned, ("fakesdist-1.0/data/payload.bin",), False)
     downloads = tmp_path / "downloads"
     with pytest.raises(RuntimeError, match="DO NOT MATCH THE HASHES"):
-        install._pip_download(downloads, wrong, progress=False)
+        download.pip_download(downloads, wrong, progress=False)
     assert not marker.exists()
     assert list(downloads.iterdir()) == []
     # control: with its own digest pip does run the backend (for metadata), so the marker would show it
-    got = install._pip_download(downloads, dataclasses.replace(wrong, sha256=_sha(served)), progress=False)
+    got = download.pip_download(downloads, dataclasses.replace(wrong, sha256=_sha(served)), progress=False)
     assert got == downloads / served.name and got.read_bytes() == served.read_bytes()
     assert marker.read_text() == "the build backend ran"
 
 
 def test_changed_bytes_under_restored_size_and_mtime_are_caught(tmp_path, monkeypatch, capsys):
     """``--verify`` re-hashes everything; ordinary use re-hashes a large file whose ctime moved."""
-    from basic_plugin.lab.assets import install
+    from basic_plugin.lab.assets import cache as asset_cache, catalog, install
 
     payload = np.random.default_rng(0).integers(0, 256, 1 << 16, dtype=np.uint8).tobytes()
     wheel = _fake_wheel(tmp_path / "files", payload)
     _pip_env(monkeypatch, PIP_INDEX_URL=_simple_index(tmp_path / "index", wheel, "fakewheel", True).as_uri())
-    monkeypatch.setattr(install, "ALWAYS_HASH_BYTES", 4096)  # the 64 KiB weights count as a large file
-    archive = install.Archive("fakewheel", "1.0", "fakewheel-1.0-py3-none-any.whl", _sha(wheel), ("fakewheel/payload.bin",), True)
+    monkeypatch.setattr(asset_cache, "ALWAYS_HASH_BYTES", 4096)  # the 64 KiB weights count as a large file
+    archive = catalog.Archive("fakewheel", "1.0", "fakewheel-1.0-py3-none-any.whl", _sha(wheel), ("fakewheel/payload.bin",), True)
     calls: list = []
-    _fake_release(monkeypatch, install, archive, calls)
+    _fake_release(monkeypatch, archive, calls)
     cache = tmp_path / "cache"
     weights = Path(install.install_assets(cache, progress=False)["fake"]) / "weights.bin"
     verify = ["--cache-dir", str(cache), "--verify", "--quiet"]

@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from basic_plugin.basic import plugin as basic
 from basic_plugin.basic.arguments import BasicArguments
 from basic_plugin.host.integration import routed_llama_class
-from basic_plugin.host.objective import bind, binding_of
+from basic_plugin.host.binding import bind, binding_of
 from basic_plugin.host.plugins import load_plugins
 from basic_plugin.lab.tiny import build_tiny_llava
 from tests.helpers import collate_right_padded
@@ -366,3 +366,40 @@ def test_mistral_checkpoints_train_as_llava_mistral_with_basic(tiny_mistral_path
     # this random Mistral's KL is ~5e-6: fp32 log-softmax over the vocabulary resolves it to ~1e-8
     assert last_step(model).terms["basic_sds"].item() == pytest.approx(0.5 * sds, rel=1e-4, abs=5e-8)
     assert sds > 1e-6 and last_step(model).terms["lm_loss"].item() == pytest.approx(lm, rel=1e-5)
+
+
+def test_settings_are_the_flags_with_depth_and_channels_resolved(tiny_paths):
+    """BasicSettings holds each --basic_<name> as given; its defaults are the paper's (INTEGRATION.md's flag table)."""
+    from basic_plugin.basic.objective import BasicSettings
+
+    model = make_model(tiny_paths)
+    given = {"basic_lambda_das": 0.25, "basic_temperature": 2.0, "basic_kl": "reverse", "basic_query_chunk": 7,
+             "basic_standardize_target": True}
+    args = types.SimpleNamespace(**{**asdict(BasicArguments()), "basic": True, "tune_mm_mlp_adapter": True, **given})
+    settings = basic.settings_for(model, args)
+    assert asdict(settings) == {"depth": 2, "lambda_das": 0.25, "lambda_sds": 0.01, "temperature": 2.0,
+                                "vocab": "embed", "detach_vocab": False, "patch_weights": "raw", "kl": "reverse",
+                                "sds_chunk_size": 256, "query_chunk": 7, "drop_channels": (),
+                                "standardize_target": True}
+    flags = {f"basic_{name}" for name in asdict(settings)} - {"basic_drop_channels"}
+    assert flags <= set(asdict(BasicArguments()))  # every setting but the resolved channel list is a flag
+    assert BasicSettings.from_flags(args, depth=3, drop_channels=[5, 1]).drop_channels == (5, 1)
+
+
+def test_the_loss_functions_and_the_guard_default_to_the_flags_defaults():
+    import inspect
+
+    from basic_plugin.basic.guard import Guard
+    from basic_plugin.basic.losses import basic_terms_fused
+    from basic_plugin.basic.patch_weights import image_attention_mass
+
+    flags = BasicArguments()
+    fused = inspect.signature(basic_terms_fused).parameters
+    assert (fused["lambda_das"].default, fused["lambda_sds"].default, fused["temperature"].default,
+            fused["reverse"].default, fused["chunk_size"].default) == (1.0, 0.01, 1.0, False, 256)
+    assert (flags.basic_lambda_das, flags.basic_lambda_sds, flags.basic_temperature, flags.basic_kl,
+            flags.basic_sds_chunk_size) == (1.0, 0.01, 1.0, "forward", 256)
+    assert inspect.signature(image_attention_mass).parameters["query_chunk"].default == flags.basic_query_chunk
+    guard = Guard()
+    assert (guard.mode, guard.window, guard.collapse, guard.share) == ("warn", 5, 0.9, 0.5)
+    assert vars(Guard.from_flags(flags)) == vars(guard)

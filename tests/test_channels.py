@@ -107,6 +107,7 @@ def test_channels_command_on_the_llm_alone(tiny_llava, tmp_path):
 
     assert main(["--llm", str(tiny_llava["lm"]), "--depth", "2", "--drop", "3", "--json", str(tmp_path / "t.json"),
                  "--plot", str(tmp_path / "t.png")]) == 0
+    assert torch.is_grad_enabled()  # the command leaves this process's gradient mode as it found it
     report = json.loads((tmp_path / "t.json").read_text())["text"]
     tokenizer, model = _llm_only(Path(tiny_llava["lm"]))
     with torch.no_grad():
@@ -127,7 +128,7 @@ def test_channels_command_on_the_llm_alone(tiny_llava, tmp_path):
     eps = model.config.rms_norm_eps
 
     def rms(x, layer):
-        g = layers[layer].input_layernorm.weight.double().numpy()
+        g = layers[layer].input_layernorm.weight.detach().double().numpy()
         return g * x / np.sqrt((x ** 2).mean(1, keepdims=True) + eps)
 
     read = rms(h[0], 1) / 5 + 4 * rms(h[1], 2) / 5

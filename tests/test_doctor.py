@@ -161,8 +161,18 @@ def test_patched_llava_needs_basic_llava_unblocked(monkeypatch, fixed_plugins):
     assert plugins.BLOCK_ENV in doctor.check_native_plugin(env, "patched").note
     assert doctor.check_native_plugin(env, None).status == doctor.INFO  # unpatched: not used
     monkeypatch.delenv(plugins.BLOCK_ENV)
-    monkeypatch.setenv(plugins.ALLOW_ENV, "basic")  # a patched LLaVA ignores the allow-list
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basic,basic-llava")
     assert doctor.check_native_plugin(plugins.plugin_environment(), "patched").status == doctor.OK
+
+
+def test_patched_llava_needs_basic_llava_in_the_allow_list(monkeypatch, fixed_plugins):
+    """A patched LLaVA's manager applies LLAVA_PLUGINS to the host's entry point too: naming only basic keeps
+    the host out there, and --basic is an unknown flag (test_patches.py checks this against the real manager)."""
+    monkeypatch.setenv(plugins.ALLOW_ENV, "basic")
+    check = doctor.check_native_plugin(plugins.plugin_environment(), "patched")
+    assert check.status == doctor.BAD and check.found == "blocked"
+    assert f"add basic-llava to {plugins.ALLOW_ENV}" in check.note and "--basic is unknown" in check.note
+    assert doctor.check_native_plugin(plugins.plugin_environment(), None).status == doctor.INFO  # unpatched
 
 
 # -- plugin names ------------------------------------------------------------------------------

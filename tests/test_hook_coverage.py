@@ -1,4 +1,6 @@
-"""Every hook is documented in INTEGRATION.md and has a test_hook_<name> that calls it through a real run."""
+"""Every hook is documented for plugin authors in docs/PLUGIN_HOOKS.md and has two tests of its own:
+``test_hook_<name>`` calls it through a real ``train()`` run, ``test_hook_<name>_in_process`` through the
+host's plugin manager in this process."""
 import ast
 import inspect
 import pathlib
@@ -9,6 +11,7 @@ import pytest
 from basic_plugin.host import hookspecs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+GUIDE = ROOT / "docs" / "PLUGIN_HOOKS.md"
 HOOKS = sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("llava_"))
 
 
@@ -18,8 +21,8 @@ def test_hookspecs_are_found():
 
 @pytest.mark.parametrize("hook", HOOKS)
 def test_hook_is_documented(hook):
-    doc = (ROOT / "INTEGRATION.md").read_text(encoding="utf-8")
-    assert re.search(rf"^### {hook}$", doc, re.M), f"INTEGRATION.md has no '### {hook}' section"
+    doc = GUIDE.read_text(encoding="utf-8")
+    assert re.search(rf"^### {hook}$", doc, re.M), f"{GUIDE.name} has no '### {hook}' section"
     signature = inspect.signature(getattr(hookspecs, hook))
     for param in signature.parameters:
         assert param in doc.split(f"### {hook}")[1].split("###")[0], f"{hook}: parameter {param} undocumented"
@@ -35,11 +38,19 @@ def _test_functions():
 
 
 @pytest.mark.parametrize("hook", HOOKS)
-def test_hook_has_its_own_test(hook):
-    assert f"test_hook_{hook}" in _test_functions(), f"no test function test_hook_{hook}"
+def test_hook_has_its_own_tests(hook):
+    names = _test_functions()
+    assert f"test_hook_{hook}" in names, f"no test function test_hook_{hook} (through a real run)"
+    assert f"test_hook_{hook}_in_process" in names, f"no test function test_hook_{hook}_in_process"
 
 
 def test_the_documented_example_plugin_is_the_tested_file():
-    doc = (ROOT / "INTEGRATION.md").read_text(encoding="utf-8")
+    doc = GUIDE.read_text(encoding="utf-8")
     example = (ROOT / "examples" / "projector_norm_plugin.py").read_text(encoding="utf-8")
     assert f"```python\n{example}```" in doc
+
+
+def test_the_guide_for_llava_users_sends_plugin_authors_to_it():
+    integration = (ROOT / "INTEGRATION.md").read_text(encoding="utf-8")
+    assert "docs/PLUGIN_HOOKS.md" in integration
+    assert not re.search(r"^### llava_", integration, re.M)  # the hook sections live in one place

@@ -366,8 +366,14 @@ def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site
         return {name for name in (n for n, _ in manager.list_name_plugin()) if manager.is_blocked(name)}
 
     env = host_plugins.plugin_environment()
-    assert loaded(pm) == loaded(host_pm) == set(env.enabled)
-    assert blocked(pm) == blocked(host_pm) == host_plugins.blocked_names()
+    builtin = set(host_plugins.BUILTIN_PLUGINS)  # the host's own: always in its manager, LLaVA's applies the lists
+    assert loaded(pm) == set(env.enabled) and loaded(host_pm) == loaded(pm) | builtin
+    assert blocked(pm) - builtin == blocked(host_pm) == host_plugins.blocked_names()
+    # doctor's verdict on the host's entry point is what LLaVA's manager does with it
+    from basic_plugin.host import doctor
+
+    native = doctor.check_native_plugin(env, "patched")
+    assert (native.status == doctor.OK) == ("basic-llava" in loaded(pm)), (native, loaded(pm))
     unknown = sorted(n for names in env.unknown.values() for n in names)
     ours = [str(w.message) for w in ours if "unknown plugin name" in str(w.message)]
     theirs = [str(w.message) for w in theirs if "unknown plugin name" in str(w.message)]
@@ -470,7 +476,7 @@ def test_patched_llava_with_basic_trains_like_the_runtime_integration(runs):
     # the host's hooks ran inside the patched LLaVA's own train(): BASIC returned its objective
     trace = runs["patched"]["output"]
     assert "[llava-plugins] llava_objective -> ['basic']" in trace
-    assert "llava_objective returned [<basic_plugin.basic.plugin.BasicObjective" in trace
+    assert "llava_objective returned [<basic_plugin.basic.objective.BasicObjective" in trace
     # BASIC changed training: the loss differs from vanilla LLaVA's
     assert [e["loss"] for e in patched] != runs["vanilla"]["losses"]
 

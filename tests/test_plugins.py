@@ -5,7 +5,7 @@ import inspect
 import pytest
 import transformers
 
-import basic_plugin
+from basic_plugin.api import hookimpl
 from basic_plugin.host import hookspecs, plugins
 from basic_plugin.host.arguments import build_training_arguments
 from basic_plugin.basic.arguments import BasicArguments
@@ -43,6 +43,21 @@ def test_allow_list_env(fresh_plugins, monkeypatch):
     plugins.reset_plugins()
     monkeypatch.setenv(plugins.ALLOW_ENV, "basic,someone-else")
     assert fresh_plugins.load_plugins().get_plugin("basic") is not None
+
+
+@pytest.mark.parametrize("variables", [{"LLAVA_PLUGINS": "basic"}, {"LLAVA_PLUGINS_BLOCK": "basic-llava"},
+                                       {"LLAVA_PLUGINS": ""}])
+def test_the_hosts_own_plugin_is_never_kept_out(fresh_plugins, monkeypatch, variables):
+    """``basic-llava`` (the host's answer to a patched LLaVA) is the host's, not a plugin to pick: always loaded."""
+    from basic_plugin.host import native
+
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    pm = fresh_plugins.load_plugins()
+    assert pm.get_plugin("basic-llava") is native and not pm.is_blocked("basic-llava")
+    assert "basic-llava" in [i.plugin_name for i in pm.hook.llava_train_classes.get_hookimpls()]
+    assert "basic-llava" not in fresh_plugins.blocked_names()
+    assert (pm.get_plugin("basic") is None) == ("basic" not in variables.get("LLAVA_PLUGINS", "basic"))
 
 
 def test_trace_env_prints_hook_calls(fresh_plugins, monkeypatch, capsys):
@@ -142,7 +157,7 @@ class SentinelTower:
 
 
 class TowerPlugin:
-    @basic_plugin.hookimpl
+    @hookimpl
     def llava_build_vision_tower(self, vision_tower_cfg, kwargs):
         name = getattr(vision_tower_cfg, "mm_vision_tower", getattr(vision_tower_cfg, "vision_tower", ""))
         if name == "sentinel-tower":
@@ -245,3 +260,81 @@ def test_plugin_environment_sorts_names(fresh_plugins, monkeypatch):
     with pytest.warns(plugins.UnknownPluginWarning):
         pm = fresh_plugins.load_plugins()
     assert {n for n in eps if pm.get_plugin(n) is None} == env.blocked
+
+
+# -- refusals while parsing, and what one parse records -----------------------------------------
+
+@pytest.mark.parametrize("exit_now", [False, True])
+def test_a_refusal_while_parsing_is_raised_or_ends_the_process_as_asked(tmp_path, capsys, monkeypatch, exit_now):
+    """Raised for our entry point to print; with ``exit_on_refusal`` (a patched LLaVA's own entry) one line, status 2."""
+    from basic_plugin.host.refusal import TRACEBACK_ENV, Refusal
+
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments], exit_on_refusal=exit_now)
+    argv = ["--output_dir", str(tmp_path / "out"), "--basic_lambda_das", "0.1", "--report_to", "none"]
+    expected = "--basic_lambda_das 0.1: set while --basic is off"
+    if exit_now:
+        with pytest.raises(SystemExit) as done:
+            transformers.HfArgumentParser((args_cls,)).parse_args_into_dataclasses(argv)
+        lines = capsys.readouterr().err.splitlines()
+        assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expected}")
+    else:
+        with pytest.raises(Refusal, match=expected):
+            transformers.HfArgumentParser((args_cls,)).parse_args_into_dataclasses(argv)
+        assert capsys.readouterr().err == ""
+    assert not (tmp_path / "out").exists()
+
+
+def test_what_one_installation_records_while_parsing_no_other_sees():
+    """ModelArguments recorded by one installation of the host (a parse that stopped half-way) never reach
+    the validation hooks of another one."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.host.arguments import ParseRecord, recording
+
+    seen = []
+
+    class Watcher:
+        @hookimpl
+        def llava_validate_arguments(self, model_args, data_args, training_args):
+            seen.append(model_args)
+
+    first = ParseRecord()
+    recording(llava_train.ModelArguments, "model", first)(model_name_or_path="first-run")  # no TrainingArguments
+    plugins.load_plugins()
+    plugins.pm.register(Watcher(), name="watcher-test")
+    try:
+        second = ParseRecord()
+        model_cls = recording(llava_train.ModelArguments, "model", second)
+        args_cls = build_training_arguments(_llava_training_arguments(), [BasicArguments], parsed=second)
+        args_cls(output_dir="unused", report_to="none")
+        model_args = model_cls(model_name_or_path="second-run")
+        args_cls(output_dir="unused", report_to="none")
+    finally:
+        plugins.pm.unregister(name="watcher-test")
+    assert first["model"].model_name_or_path == "first-run"
+    assert seen == [None, model_args] and "model" not in second
+
+
+# -- the trainer -------------------------------------------------------------------------------
+
+def test_the_plugin_trainer_is_llavas_with_the_mixin_in_front():
+    import llava.train.llava_trainer as llava_trainer
+
+    from basic_plugin.host.trainer import PluginTrainerMixin, plugin_trainer_class
+
+    cls = plugin_trainer_class(llava_trainer.LLaVATrainer)
+    assert issubclass(cls, llava_trainer.LLaVATrainer) and cls.__mro__[1] is PluginTrainerMixin
+    assert cls.__name__ == "PluginTrainer" and cls.__module__ == "basic_plugin.host.trainer"
+    assert plugin_trainer_class(cls) is cls  # a hosted class is left as it is: nothing wrapped twice
+
+
+def test_a_streak_counts_in_all_in_a_row_and_in_the_window():
+    from basic_plugin.host.trainer import Streak
+
+    streak = Streak()
+    seen = []
+    for bad in (True, True, False, True, True, True):
+        streak.add(bad)
+        seen.append((streak.total, streak.in_a_row, streak.in_window))
+    assert seen == [(1, 1, 1), (2, 2, 2), (2, 0, 2), (3, 1, 3), (4, 2, 4), (5, 3, 5)]

@@ -30,7 +30,7 @@ def reference_gradients(model, batches, lambda_das, lambda_sds):
     """float64: gradients of the caption loss (LLaVA's forward, no plugin bound) and of
     lambda_das * mean_b mean_i (2 - 2 cos(v_i, vhat_i)) and lambda_sds * mean_b mean_i KL(P_i || Q_i),
     P / Q = softmax over the input-embedding vocabulary of vhat / v, vhat = sum_l l^2 h_l / sum_l l^2."""
-    from basic_plugin.host.objective import bind
+    from basic_plugin.host.binding import bind
     from basic_plugin.lab.pull import image_rows_and_states
 
     bind(model, [])

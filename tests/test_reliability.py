@@ -105,8 +105,8 @@ def test_pretraining_into_a_folder_with_checkpoints_is_refused(host_parser, tiny
 def test_unsupported_versions_stop_the_run(monkeypatch, package, found, message):
     from basic_plugin.host import versions
 
-    real = versions._version
-    monkeypatch.setattr(versions, "_version", lambda dist: found if dist in (package, "llava") else real(dist))
+    real = versions.installed_version
+    monkeypatch.setattr(versions, "installed_version", lambda dist: found if dist in (package, "llava") else real(dist))
     from basic_plugin.host.refusal import Refusal
 
     with pytest.raises(Refusal) as error:
@@ -160,7 +160,7 @@ def test_image_rows_that_do_not_check_out_skip_the_terms_not_the_step(tiny_llava
 
 
 def test_nonfinite_terms_leave_the_lm_loss_alone(tiny_llava, monkeypatch):
-    from basic_plugin.basic import plugin as basic
+    from basic_plugin.basic import objective as basic
     from tests.test_basic_objective import BATCH, last_step, make_batch, make_model, ready
 
     real = basic.basic_terms

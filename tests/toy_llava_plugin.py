@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from basic_plugin import hookimpl
+from basic_plugin.api import Objective, hookimpl
 
 
 @dataclass
@@ -16,7 +16,7 @@ class ToyArguments:
     toy_weight: float = 0.0
 
 
-class ToyObjective:
+class ToyObjective(Objective):
     wants_hidden_states = True
 
     def __init__(self, weight: float):

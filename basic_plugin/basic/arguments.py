@@ -1,4 +1,8 @@
-"""BASIC's flags, added to LLaVA's ``train()`` by the plugin host."""
+"""BASIC's flags, added to LLaVA's ``train()`` by the plugin host.
+
+:class:`BasicArguments` is the one place BASIC's defaults are written: the resolved settings
+(:class:`basic_plugin.basic.objective.BasicSettings`), the guard and the loss functions'
+keyword defaults read them from here (:func:`flag_default`)."""
 from __future__ import annotations
 
 import math
@@ -8,6 +12,9 @@ from typing import ClassVar, Optional
 VOCAB_CHOICES = ("embed", "lm_head")
 WEIGHT_CHOICES = ("raw", "sum1", "uniform")
 KL_CHOICES = ("forward", "reverse")
+GUARD_CHOICES = ("warn", "stop", "off")
+#: every BASIC flag is ``basic_<name>``; a setting keeps ``<name>``
+FLAG_PREFIX = "basic_"
 
 
 @dataclass
@@ -51,12 +58,17 @@ class BasicArguments:
     basic_guard: str = field(default="warn", metadata={
         "help": "When image tokens collapse or BASIC's terms out-weigh the caption loss over a window of logging "
                 "steps: warn (one line in the log), stop (checkpoint and end the run), or off.",
-        "choices": ["warn", "stop", "off"]})
+        "choices": list(GUARD_CHOICES)})
     basic_guard_window: int = field(default=5, metadata={"help": "Logging steps the guard averages over."})
     basic_guard_collapse: float = field(default=0.9, metadata={
         "help": "Guard threshold on the mean pairwise cosine of an image's projector tokens."})
     basic_guard_share: float = field(default=0.5, metadata={
         "help": "Guard threshold on BASIC's share of the loss, (das + sds) / total."})
+
+
+def flag_default(flag: str):
+    """The default of BASIC's flag ``--<flag>`` (e.g. ``flag_default("basic_lambda_sds")``)."""
+    return BasicArguments.__dataclass_fields__[flag].default
 
 
 def validate_basic_arguments(args) -> None:
@@ -73,14 +85,12 @@ def validate_basic_arguments(args) -> None:
     if not (math.isfinite(args.basic_temperature) and args.basic_temperature > 0):
         bad("basic_temperature", args.basic_temperature, "a finite number > 0")
     for flag, choices in (("basic_vocab", VOCAB_CHOICES), ("basic_patch_weights", WEIGHT_CHOICES),
-                          ("basic_kl", KL_CHOICES)):
+                          ("basic_kl", KL_CHOICES), ("basic_guard", GUARD_CHOICES)):
         if getattr(args, flag) not in choices:
             bad(flag, getattr(args, flag), "|".join(choices))
     spec = str(args.basic_drop_channels).strip()
     if spec != "auto" and not (spec.isdigit() and spec.isascii()):
         bad("basic_drop_channels", args.basic_drop_channels, "0 (none), auto, or an integer N >= 0")
-    if args.basic_guard not in ("warn", "stop", "off"):
-        bad("basic_guard", args.basic_guard, "warn|stop|off")
     if args.basic_guard_window < 1:
         bad("basic_guard_window", args.basic_guard_window, "an integer >= 1")
     for flag in ("basic_guard_collapse", "basic_guard_share"):

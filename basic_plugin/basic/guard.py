@@ -13,28 +13,27 @@ gross failures; a slow loss of accuracy shows only against a monitor-only run.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import Mapping, Optional
 
-GUARD_CHOICES = ("warn", "stop", "off")
-
-
-@dataclass
-class Verdict:
-    """What the guard says at a logging step: the line to print, and whether to stop."""
-
-    message: str
-    stop: bool
+from basic_plugin.api import Verdict
+from basic_plugin.basic.arguments import flag_default
 
 
 class Guard:
     """Keeps the last ``window`` logged values and judges their means."""
 
-    def __init__(self, mode: str = "warn", window: int = 5, collapse: float = 0.9, share: float = 0.5):
+    def __init__(self, mode: str = flag_default("basic_guard"), window: int = flag_default("basic_guard_window"),
+                 collapse: float = flag_default("basic_guard_collapse"), share: float = flag_default("basic_guard_share")):
         self.mode, self.window, self.collapse, self.share = mode, window, collapse, share
         self.history: deque = deque(maxlen=window)
         self.quiet_until = 0  # logging steps: one line per window while a problem lasts
         self.seen = 0
+
+    @classmethod
+    def from_flags(cls, flags) -> "Guard":
+        """The guard ``--basic_guard*`` ask for."""
+        return cls(mode=flags.basic_guard, window=flags.basic_guard_window, collapse=flags.basic_guard_collapse,
+                   share=flags.basic_guard_share)
 
     def review(self, logged: Mapping[str, float]) -> Optional[Verdict]:
         if self.mode == "off" or "basic_share" not in logged:

@@ -2,7 +2,7 @@
 
 All row tensors are per image token: ``student`` is the projector output ``v_i`` (N, d),
 ``target`` the refined embedding ``vhat_i`` (N, d), ``weights`` the per-patch weights
-``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). The formulas are in INTEGRATION.md ("BASIC's flags").
+``a_i`` (N,), ``vocab`` the vocabulary matrix ``E`` (V, d). The formulas: docs/DECISIONS.md.
 
 Precision: math runs in fp32 for fp32/bf16/fp16 inputs (float64 stays float64, so
 ``torch.autograd.gradcheck`` is meaningful), with autocast disabled, because softmax/KL over
@@ -29,6 +29,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from basic_plugin.basic.arguments import flag_default
 from basic_plugin.basic.target import target_weights
 
 __all__ = ["refined_target", "direction_loss", "distribution_loss", "basic_terms_fused"]
@@ -472,11 +473,11 @@ def basic_terms_fused(
     target: torch.Tensor,
     vocab: torch.Tensor,
     weights: torch.Tensor,
-    lambda_das: float = 1.0,
-    lambda_sds: float = 0.01,
-    temperature: float = 1.0,
-    reverse: bool = False,
-    chunk_size: Optional[int] = 256,
+    lambda_das: float = flag_default("basic_lambda_das"),
+    lambda_sds: float = flag_default("basic_lambda_sds"),
+    temperature: float = flag_default("basic_temperature"),
+    reverse: bool = flag_default("basic_kl") == "reverse",
+    chunk_size: Optional[int] = flag_default("basic_sds_chunk_size"),
     *,
     eps: float = 1e-6,
 ) -> Tuple[torch.Tensor, torch.Tensor]:

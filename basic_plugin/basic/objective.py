@@ -1,33 +1,50 @@
-"""BASIC's loss terms for one training batch, from the single forward's hidden states."""
+"""BASIC's objective for a run: its settings, and its loss terms and metrics for each training batch,
+from the single forward's hidden states."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Sequence
 
 import torch
 
+from basic_plugin.api import Objective
+from basic_plugin.basic.arguments import FLAG_PREFIX
 from basic_plugin.basic.channels import keep_mask, standardize_rows
+from basic_plugin.basic.guard import Guard
 from basic_plugin.basic.health import health_metrics
-from basic_plugin.basic.target import target_layers
 from basic_plugin.basic.losses import basic_terms_fused, refined_target
 from basic_plugin.basic.patch_weights import image_attention_mass
+from basic_plugin.basic.target import target_layers
 
 
 @dataclass
 class BasicSettings:
-    """BASIC's resolved settings for one model (depth known, stage decided)."""
+    """BASIC's resolved settings for one model (depth known, stage decided).
+
+    Each field is the flag ``--basic_<field>`` as given (defaults: :class:`BasicArguments`),
+    except the two resolved for the model: ``depth`` (``--basic_depth`` or half the LLM's
+    layers) and ``drop_channels`` (the channels ``--basic_drop_channels`` found).
+    """
 
     depth: int
-    lambda_das: float = 1.0
-    lambda_sds: float = 0.01
-    temperature: float = 1.0
-    vocab: str = "embed"
-    detach_vocab: bool = False
-    patch_weights: str = "raw"
-    kl: str = "forward"
-    sds_chunk_size: int | None = 256
-    query_chunk: int = 256
-    drop_channels: tuple = ()  # channels left out of both terms (--basic_drop_channels, resolved)
-    standardize_target: bool = False
+    lambda_das: float
+    lambda_sds: float
+    temperature: float
+    vocab: str
+    detach_vocab: bool
+    patch_weights: str
+    kl: str
+    sds_chunk_size: int | None
+    query_chunk: int
+    drop_channels: tuple  # channels left out of both terms
+    standardize_target: bool
+
+    @classmethod
+    def from_flags(cls, flags, *, depth: int, drop_channels: Sequence[int] = ()) -> "BasicSettings":
+        """The settings from BASIC's flags (``training_args``), with ``depth`` and ``drop_channels`` resolved."""
+        resolved = {"depth": depth, "drop_channels": tuple(drop_channels)}
+        return cls(**{f.name: resolved[f.name] if f.name in resolved else getattr(flags, FLAG_PREFIX + f.name)
+                      for f in fields(cls)})
 
 
 def decoder_layers(model):
@@ -131,3 +148,19 @@ def compared_rows(student: torch.Tensor, target: torch.Tensor, settings: BasicSe
     if keep is not None:
         student, target = student * keep, target * keep.to(target.dtype)
     return student, target
+
+
+class BasicObjective(Objective):
+    """BASIC for one run: its resolved settings; its terms and metrics for each batch; its guard's review."""
+
+    wants_hidden_states = True
+
+    def __init__(self, settings: BasicSettings, guard: Guard | None = None):
+        self.settings = settings
+        self.guard = guard or Guard(mode="off")
+
+    def terms(self, model, batch, outputs, image_positions):
+        return basic_terms(model, self.settings, batch, outputs, image_positions)
+
+    def review(self, logged):
+        return self.guard.review(logged)

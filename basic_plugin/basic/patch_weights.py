@@ -1,4 +1,4 @@
-"""BASIC per-patch weights a_i (BASIC.md, decision D3), recomputed from hidden states.
+"""BASIC per-patch weights a_i (docs/DECISIONS.md, decision D3), recomputed from hidden states.
 
     a_i = mean over decoder layers l = 1..k, over all attention heads, and over the text
           query tokens j that come after the image, of softmax-attention(query j -> key i)
@@ -47,6 +47,8 @@ import sys
 from typing import Sequence
 
 import torch
+
+from basic_plugin.basic.arguments import flag_default
 
 __all__ = ["image_attention_mass"]
 
@@ -127,7 +129,7 @@ def image_attention_mass(
     *,
     depth,
     position_ids=None,
-    query_chunk=256,
+    query_chunk=flag_default("basic_query_chunk"),
 ) -> torch.Tensor:
     """Per image row, the mean attention probability it receives from later text tokens.
 

@@ -1,12 +1,16 @@
-"""BASIC's hook implementations (registered through the ``llava`` entry point ``basic``)."""
+"""BASIC's hook implementations (registered through the ``llava`` entry point ``basic``): its flags,
+their validation, and its objective for a run (:class:`basic_plugin.basic.objective.BasicObjective`)."""
 from __future__ import annotations
 
-from basic_plugin import hookimpl
+from basic_plugin.api import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
 from basic_plugin.basic.channels import describe, find_massive_channels
 from basic_plugin.basic.guard import Guard
+from basic_plugin.basic.objective import BasicObjective, BasicSettings
 from basic_plugin.basic.target import default_depth, depth_range, valid_depth
-from basic_plugin.basic.objective import BasicSettings, basic_terms
+
+__all__ = ["BasicObjective", "BasicSettings", "settings_for", "llava_plugin_arguments", "llava_validate_arguments",
+           "llava_objective"]
 
 SUPPORTED_MODEL_TYPES = ("llava_llama", "llava_mistral")
 
@@ -68,7 +72,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
     With ``--basic_drop_channels`` other than 0 the channels are found here, from the LLM and
     ``tokenizer`` (:func:`basic_plugin.basic.channels.find_massive_channels`), and logged once.
     """
-    if not getattr(training_args, "basic", False):
+    if not training_args.basic:
         return None
     pretraining = bool(getattr(training_args, "tune_mm_mlp_adapter", False))
     if (pretraining and not training_args.basic_pretrain) or (not pretraining and not training_args.basic_finetune):
@@ -80,7 +84,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
     depth = training_args.basic_depth or default_depth(layers)
     if not valid_depth(depth, layers):
         raise ValueError(f"--basic_depth {depth} is out of range; allowed: {depth_range(layers)} for this LLM")
-    spec = str(getattr(training_args, "basic_drop_channels", "0")).strip()
+    spec = str(training_args.basic_drop_channels).strip()
     channels: tuple = ()
     if spec not in ("0", ""):
         if tokenizer is None:
@@ -89,30 +93,7 @@ def settings_for(model, training_args, tokenizer=None) -> BasicSettings | None:
         channels = tuple(found["channels"])
         if getattr(training_args, "process_index", 0) == 0:
             print(f"[basic] {describe(found, spec)}", flush=True)
-    return BasicSettings(
-        depth=depth, lambda_das=training_args.basic_lambda_das, lambda_sds=training_args.basic_lambda_sds,
-        temperature=training_args.basic_temperature, vocab=training_args.basic_vocab,
-        detach_vocab=training_args.basic_detach_vocab, patch_weights=training_args.basic_patch_weights,
-        kl=training_args.basic_kl, sds_chunk_size=training_args.basic_sds_chunk_size,
-        query_chunk=training_args.basic_query_chunk, drop_channels=channels,
-        standardize_target=bool(getattr(training_args, "basic_standardize_target", False)),
-    )
-
-
-class BasicObjective:
-    """BASIC for one run: its resolved settings; its terms and metrics for each batch."""
-
-    wants_hidden_states = True
-
-    def __init__(self, settings: BasicSettings, guard: Guard | None = None):
-        self.settings = settings
-        self.guard = guard or Guard(mode="off")
-
-    def terms(self, model, batch, outputs, image_positions):
-        return basic_terms(model, self.settings, batch, outputs, image_positions)
-
-    def review(self, logged):
-        return self.guard.review(logged)
+    return BasicSettings.from_flags(training_args, depth=depth, drop_channels=channels)
 
 
 @hookimpl
@@ -120,8 +101,4 @@ def llava_objective(model, tokenizer, training_args, data_args):
     settings = settings_for(model, training_args, tokenizer)
     if settings is None:
         return None
-    guard = Guard(mode=getattr(training_args, "basic_guard", "warn"),
-                  window=getattr(training_args, "basic_guard_window", 5),
-                  collapse=getattr(training_args, "basic_guard_collapse", 0.9),
-                  share=getattr(training_args, "basic_guard_share", 0.5))
-    return BasicObjective(settings, guard)
+    return BasicObjective(settings, Guard.from_flags(training_args))

@@ -4,7 +4,16 @@
 order. The host rebinds the three in ``llava.train.train``: the first two are
 recorded as they are built, and ``TrainingArguments`` gains every field of every
 plugin's argument dataclass plus the host's own, then runs the validation hooks
-with all three, so bad settings stop the run before the model loads.
+with all three, so bad settings stop the run before the model loads. The data
+pre-flight is handed in by whoever builds the class (:mod:`basic_plugin.host.integration`
+hands :func:`basic_plugin.host.preflight.run_preflight`): parsing never imports it.
+
+What one parse records (the ModelArguments and DataArguments instances, for the validation
+hooks) lives in a :class:`ParseRecord` that the three classes of one host installation
+share, not in this module. A refusal found while parsing is a
+:class:`basic_plugin.host.refusal.Refusal`, raised for the entry point to print, or, for
+the classes a patched LLaVA's own entry uses (``exit_on_refusal``), printed at once
+(:func:`basic_plugin.host.refusal.refuse`).
 """
 from __future__ import annotations
 
@@ -13,14 +22,19 @@ import math
 import pathlib
 import sys
 import typing
+from typing import Callable
 
 from basic_plugin.host.plugins import load_plugins, pm
-from basic_plugin.host.refusal import Refusal
+from basic_plugin.host.refusal import Refusal, refuse
 
 CLASS_NAME = "PluginTrainingArguments"
+#: --data_preflight's values (basic_plugin.host.preflight.resolve_mode says what auto becomes)
+PREFLIGHT_MODES = ("auto", "full", "fast", "off")
 
-#: the ModelArguments / DataArguments instances of the parse in progress
-_parsed: dict[str, object] = {}
+
+class ParseRecord(dict):
+    """The ModelArguments / DataArguments instances of the parse in progress (keys ``model``, ``data``),
+    shared by the argument classes of one host installation; the TrainingArguments take them out."""
 
 
 @dataclasses.dataclass
@@ -38,7 +52,7 @@ class HostArguments:
         "help": "Check every record of --data_path before the model loads: fast (keys, turns, <image> tags, "
                 "image inside --image_folder and present, LLaVA's preprocess on a sample), full (also decodes "
                 "every image and preprocesses every record), off. auto: fast when a plugin is on, else off.",
-        "choices": ["auto", "full", "fast", "off"]})
+        "choices": list(PREFLIGHT_MODES)})
     skip_bad_records: bool = dataclasses.field(default=False, metadata={
         "help": "When the pre-flight finds unusable records, train on the others (listed in "
                 "<output_dir>/preflight/report.json) instead of stopping."})
@@ -72,8 +86,9 @@ def host_checks(model_args, data_args, training_args) -> None:
             and getattr(model_args, "mm_use_im_start_end", False):
         raise ValueError("--tune_mm_mlp_adapter True with --mm_use_im_start_end True is not supported by LLaVA "
                          "(it fails at the first step); allowed: --mm_use_im_start_end False for pretraining")
-    if training_args.data_preflight not in ("auto", "full", "fast", "off"):
-        raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; allowed: auto|full|fast|off")
+    if training_args.data_preflight not in PREFLIGHT_MODES:
+        raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; "
+                      f"allowed: {'|'.join(PREFLIGHT_MODES)}")
     if training_args.plugin_max_nonfinite_steps < 1:
         raise ValueError(f"--plugin_max_nonfinite_steps {training_args.plugin_max_nonfinite_steps} is invalid; "
                          "allowed: an integer >= 1")
@@ -136,18 +151,19 @@ def picklable_base(base: type) -> type:
     return object
 
 
-def refused(error: Refusal):
-    """Raise ``error`` (the entry point prints it), or exit at once where no entry point of ours can."""
-    from basic_plugin.host import refusal
-
-    if refusal.exit_at_refusal:
-        refusal.exit_with(error)
-    raise error
-
-
-def build_training_arguments(base: type, plugin_classes: list[type] | None = None) -> type:
+def build_training_arguments(base: type, plugin_classes: list[type] | None = None, *,
+                             preflight: Callable | None = None, parsed: ParseRecord | None = None,
+                             exit_on_refusal: bool = False) -> type:
     """Return ``base`` extended with the host's fields and those of ``plugin_classes``
-    (default: the loaded plugins')."""
+    (default: the loaded plugins').
+
+    ``preflight(model_args, data_args, training_args, plugin_active=...)`` runs once the
+    flags are valid (None: no data pre-flight, e.g. a class rebuilt to unpickle a run).
+    ``parsed``: where the :func:`recording` classes of the same installation put their
+    instances (None: nothing recorded, the hooks get None for both). ``exit_on_refusal``: a
+    refusal ends the process at once instead of being raised.
+    """
+    parsed = ParseRecord() if parsed is None else parsed
     if plugin_classes is None:
         load_plugins()
         plugin_classes = plugin_argument_classes()
@@ -163,22 +179,18 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
 
     def __post_init__(self):
         base.__post_init__(self)
-        model_args, data_args = _parsed.pop("model", None), _parsed.pop("data", None)
+        model_args, data_args = parsed.pop("model", None), parsed.pop("data", None)
         try:
             host_checks(model_args, data_args, self)
             check_plugin_values(self, plugin_classes)
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
-        except Refusal as error:
-            refused(error)
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
-            refused(Refusal(str(error)))
-        from basic_plugin.host.preflight import run_preflight
-
-        try:
-            run_preflight(model_args, data_args, self,
-                          plugin_active=bool(active_plugin_classes(self, plugin_classes)))
-        except Refusal as error:
-            refused(error)
+            refuse(error, exit_now=exit_on_refusal)
+        if preflight is not None:
+            try:
+                preflight(model_args, data_args, self, plugin_active=bool(active_plugin_classes(self, plugin_classes)))
+            except Refusal as error:
+                refuse(error, exit_now=exit_on_refusal)
         if self.seed_model_init:
             import transformers
 
@@ -206,14 +218,15 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
     return cls
 
 
-def recording(base: type, key: str) -> type:
-    """``base`` (ModelArguments or DataArguments) recording each instance for the validation hooks."""
+def recording(base: type, key: str, parsed: ParseRecord) -> type:
+    """``base`` (ModelArguments or DataArguments) recording each instance in ``parsed[key]`` for the
+    validation hooks."""
     original_post_init = getattr(base, "__post_init__", None)
 
     def __post_init__(self):
         if original_post_init is not None:
             original_post_init(self)
-        _parsed[key] = self
+        parsed[key] = self
 
     cls = dataclasses.make_dataclass(base.__name__, [], bases=(base,), namespace={"__post_init__": __post_init__})
     cls.__module__ = base.__module__

@@ -16,8 +16,9 @@ from __future__ import annotations
 import importlib.util
 import sys
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from basic_plugin.host.versions import installed_version
 
 OK, BAD, INFO = "ok", "bad", "info"
 
@@ -74,8 +75,8 @@ def probe_flash_attn() -> tuple[bool, str | None, str | None]:
     try:
         import flash_attn
     except Exception as exc:  # noqa: BLE001 - e.g. built against another torch/CUDA
-        return True, _dist_version("flash-attn"), f"{type(exc).__name__}: {exc}"
-    return True, getattr(flash_attn, "__version__", None) or _dist_version("flash-attn"), None
+        return True, installed_version("flash-attn"), f"{type(exc).__name__}: {exc}"
+    return True, getattr(flash_attn, "__version__", None) or installed_version("flash-attn"), None
 
 
 def probe_llava_hooks() -> str | None:
@@ -99,13 +100,6 @@ def probe_llava_hooks() -> str | None:
         if path.is_file():
             return "patched" if "llava_train_classes" in path.read_text(errors="replace") else "other"
     return None
-
-
-def _dist_version(dist: str) -> str | None:
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
 
 
 # -- checks ------------------------------------------------------------------------------------
@@ -201,9 +195,21 @@ def check_plugins(env=None) -> Check:
     return Check("plugins", OK, found, "ok")
 
 
+def _unblocking(name: str, env) -> str:
+    """What to change so that the variables no longer keep entry point ``name`` out."""
+    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV
+
+    fixes = []
+    if name in env.block:
+        fixes.append(f"remove {name} from {BLOCK_ENV}")
+    if env.allow is not None and name not in env.allow:
+        fixes.append(f"add {name} to {ALLOW_ENV} (or unset it)")
+    return " and ".join(fixes)
+
+
 def check_basic_plugin(env=None) -> Check:
     """``--basic`` needs the ``basic`` entry point installed and not blocked."""
-    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV, plugin_environment
+    from basic_plugin.host.plugins import plugin_environment
 
     env = env or plugin_environment()
     name = BASIC_PLUGIN
@@ -211,19 +217,15 @@ def check_basic_plugin(env=None) -> Check:
         return Check(f"plugin {name}", BAD, None, "not installed: `pip install -e .` in this repository "
                                                   "registers it (--basic is unknown without it)")
     if name in env.blocked:
-        fixes = []
-        if name in env.block:
-            fixes.append(f"remove {name} from {BLOCK_ENV}")
-        if env.allow is not None and name not in env.allow:
-            fixes.append(f"add {name} to {ALLOW_ENV} (or unset it)")
-        return Check(f"plugin {name}", BAD, "blocked", f"--basic is unknown while it is blocked: "
-                                                         + " and ".join(fixes))
+        return Check(f"plugin {name}", BAD, "blocked", "--basic is unknown while it is blocked: "
+                                                         + _unblocking(name, env))
     return Check(f"plugin {name}", OK, env.installed[name], "ok")
 
 
 def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
-    """A patched LLaVA takes ``--basic`` through the ``basic-llava`` entry point (it honours the block list)."""
-    from basic_plugin.host.plugins import BLOCK_ENV, plugin_environment
+    """A patched LLaVA takes ``--basic`` through the ``basic-llava`` entry point; its own plugin manager
+    applies ``LLAVA_PLUGINS`` and ``LLAVA_PLUGINS_BLOCK`` to it like to any other entry point."""
+    from basic_plugin.host.plugins import plugin_environment
 
     env = env or plugin_environment()
     hooks = probe_llava_hooks() if hooks == "probe" else hooks
@@ -232,9 +234,9 @@ def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
     if name not in env.installed:
         return Check(f"plugin {name}", status, None, "not installed: `pip install -e .` in this repository; "
                                                      "a patched LLaVA's own entry needs it for --basic")
-    if name in env.block:
-        return Check(f"plugin {name}", status, "blocked", f"remove {name} from {BLOCK_ENV}: a patched LLaVA's "
-                                                          "own entry ignores plugin flags while it is blocked")
+    if name in env.blocked:
+        return Check(f"plugin {name}", status, "blocked", f"{_unblocking(name, env)}: a patched LLaVA's own entry "
+                                                          "ignores plugin flags (--basic is unknown) while it is blocked")
     return Check(f"plugin {name}", OK, env.installed[name], "ok")
 
 

@@ -9,26 +9,11 @@ all inside ``forward`` so ZeRO-3 gathers and reduces as usual.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
-
 import torch
 
-from basic_plugin.host.objective import Binding, StepRecord, binding_of
+from basic_plugin.host.binding import Binding, StepRecord, binding_of
+from basic_plugin.host.contract import ForwardBatch
 from basic_plugin.host.positions import ImagePositions, image_token_positions
-
-
-@dataclass
-class ForwardBatch:
-    """The batch as collated, and as LLaVA spliced it for the LLM."""
-
-    input_ids: torch.Tensor  # collated ids with IMAGE_TOKEN_INDEX placeholders
-    attention_mask: Optional[torch.Tensor]  # collated mask
-    images: Any
-    embeds_attention_mask: torch.Tensor  # (B, L) bool mask of the spliced LLM input
-    position_ids: Optional[torch.Tensor]  # as passed to the LLM (None: arange)
-    labels: Optional[torch.Tensor]  # spliced labels
-    image_features: torch.Tensor  # projector output, (num_images, N, d)
 
 
 class PluginForwardMixin:

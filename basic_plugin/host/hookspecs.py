@@ -1,13 +1,25 @@
 """The hooks a LLaVA training plugin can implement (pluggy project ``llava``).
 
 Few hooks, each a typed function: a plugin implements the ones it needs with
-``@basic_plugin.hookimpl`` and is found through the ``llava`` entry-point group.
+``@hookimpl`` from :mod:`basic_plugin.api` and is found through the ``llava`` entry-point
+group; docs/PLUGIN_HOOKS.md has a section per hook.
+
+``llava_train_classes`` and ``llava_build_vision_tower`` are copied verbatim into the
+patched LLaVA's ``llava/plugins.py`` (``patches/build_patch.py``), which imports nothing of
+basic-llava: their annotations stay plain ``typing`` ones.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 import pluggy
+
+from basic_plugin.host.contract import Objective
+
+if TYPE_CHECKING:  # only for the annotations: LLaVA and transformers load when a run needs them
+    from llava.model.llava_arch import LlavaMetaForCausalLM
+    from llava.train.train import DataArguments, ModelArguments, TrainingArguments
+    from transformers import PreTrainedTokenizerBase
 
 PROJECT = "llava"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -24,7 +36,8 @@ def llava_plugin_arguments() -> Sequence[type]:
 
 
 @hookspec
-def llava_validate_arguments(model_args: Any, data_args: Any, training_args: Any) -> None:
+def llava_validate_arguments(model_args: Optional[ModelArguments], data_args: Optional[DataArguments],
+                             training_args: TrainingArguments) -> None:
     """Raise ``ValueError`` naming the flag when the plugin's settings are invalid.
 
     Called while ``train()`` parses its arguments, before any model is loaded
@@ -45,8 +58,9 @@ def llava_build_vision_tower(vision_tower_cfg: Any, kwargs: Mapping[str, Any]) -
 
 
 @hookspec
-def llava_objective(model: Any, tokenizer: Any, training_args: Any, data_args: Any) -> Optional[Any]:
-    """Return this plugin's objective for the run (a :class:`basic_plugin.host.objective.Objective`), or None.
+def llava_objective(model: LlavaMetaForCausalLM, tokenizer: PreTrainedTokenizerBase, training_args: TrainingArguments,
+                    data_args: Optional[DataArguments]) -> Optional[Objective]:
+    """Return this plugin's objective for the run (a :class:`basic_plugin.api.Objective`), or None.
 
     Called once, when the model is built and its vision modules and tokenizer are set up,
     before the trainer. ``model`` is the LLaVA model itself (never a PEFT or DeepSpeed

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 
-from basic_plugin.host.arguments import build_training_arguments, recording
+from basic_plugin.host.arguments import ParseRecord, build_training_arguments, recording
 from basic_plugin.host.forward import with_plugin_forward
 from basic_plugin.host.plugins import load_plugins, pm
+from basic_plugin.host.preflight import run_preflight
 from basic_plugin.host.trainer import plugin_trainer_class
 
 _originals: dict[tuple[str, str], object] = {}
@@ -68,21 +69,25 @@ HOSTED_CLASSES = ("ModelArguments", "DataArguments", "TrainingArguments", "Llava
                   "LlavaMistralForCausalLM", "LLaVATrainer")
 
 
-def host_classes(classes: dict[str, type]) -> dict[str, type]:
+def host_classes(classes: dict[str, type], *, exit_on_refusal: bool = False) -> dict[str, type]:
     """The host's replacements (name -> subclass) for LLaVA's training classes ``classes``.
 
     Shared by the runtime seams below and by a patched LLaVA (``basic_plugin.host.native``):
-    argument classes recorded / extended with the plugin flags and validation, the model
-    classes with the plugin forward (Mistral routed), the plugin trainer.
+    argument classes recorded / extended with the plugin flags, validation and the data
+    pre-flight (one :class:`ParseRecord` for the three; ``exit_on_refusal`` where no entry
+    point of ours catches a refusal), the model classes with the plugin forward (Mistral
+    routed), the plugin trainer.
     """
     base_args = classes["TrainingArguments"]
-    args_cls = build_training_arguments(base_args)
+    parsed = ParseRecord()
+    args_cls = build_training_arguments(base_args, preflight=run_preflight, parsed=parsed,
+                                        exit_on_refusal=exit_on_refusal)
     args_cls._llava_plugin_base = base_args
     mistral = classes.get("LlavaMistralForCausalLM")
     replaced = {"TrainingArguments": args_cls}
     for name, key in (("ModelArguments", "model"), ("DataArguments", "data")):
         if name in classes:
-            replaced[name] = recording(classes[name], key)
+            replaced[name] = recording(classes[name], key, parsed)
     if "LlavaLlamaForCausalLM" in classes:
         replaced["LlavaLlamaForCausalLM"] = routed_llama_class(classes["LlavaLlamaForCausalLM"], mistral)
     if mistral is not None:

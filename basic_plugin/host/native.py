@@ -20,8 +20,11 @@ unpatched one. The vision-tower seam needs nothing here: the patched LLaVA asks
 
 Both hooks are specified once, in :mod:`basic_plugin.host.hookspecs`; the patch's
 ``llava/plugins.py`` carries the same specs (``patches/build_patch.py`` writes them in).
-The host's own plugin manager loads this entry point too, and knows the hook, so this
-implementation passes its validation like any other plugin's.
+The host's own plugin manager registers this module itself, on every load and whatever
+``LLAVA_PLUGINS`` says (:data:`basic_plugin.host.plugins.BUILTIN_PLUGINS`), and knows the
+hook, so this implementation passes its validation like any other plugin's. A patched
+LLaVA's manager loads it as the entry point ``basic-llava`` and applies ``LLAVA_PLUGINS`` /
+``LLAVA_PLUGINS_BLOCK`` to it (``basic-llava doctor`` reports it when they keep it out).
 
 When the runtime integration is already in place (``python -m basic_plugin.train`` on a
 patched LLaVA), the classes LLaVA passes are already the host's: nothing is replaced twice.
@@ -31,8 +34,8 @@ from __future__ import annotations
 from typing import Dict
 
 from basic_plugin.host.hookspecs import hookimpl
-
 from basic_plugin.host.integration import HOSTED_CLASSES, host_classes  # noqa: F401  (one definition)
+from basic_plugin.host.refusal import refusals_exit
 
 
 def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
@@ -40,9 +43,11 @@ def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
 
     Runs what ``python -m basic_plugin.train`` runs before ``train()``: the version check,
     the CPU workarounds (no-ops with CUDA), the checkpoint-RNG allow-list and plugin loading
-    (``LLAVA_PLUGINS*`` honoured). Not repeated here: that entry's friendlier message for
-    unknown flags, and its process-group teardown after ``train()`` (a CPU/gloo exit issue;
-    the patched ``train()`` has no hook after it returns).
+    (``LLAVA_PLUGINS*`` honoured). No entry point of ours runs around LLaVA's own ``train()``
+    here, so the argument classes end the process themselves on a refusal (one ``error:``
+    line, status 2). Not repeated here: that entry's friendlier message for unknown flags,
+    and its process-group teardown after ``train()`` (a CPU/gloo exit issue; the patched
+    ``train()`` has no hook after it returns).
     """
     from basic_plugin.host.compat import allow_checkpoint_rng_states
     from basic_plugin.host.cpu import apply_cpu_workarounds
@@ -51,17 +56,12 @@ def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
 
     if hasattr(classes["TrainingArguments"], "_llava_plugin_base"):  # runtime integration in place
         return {}
-    from basic_plugin.host import refusal
-
-    refusal.exit_at_refusal = True  # LLaVA's own entry prints tracebacks: refusals exit here, one line
-    try:
+    with refusals_exit():  # LLaVA's own entry would print a traceback: a refusal ends the process here
         require_supported_versions()
-    except refusal.Refusal as error:
-        refusal.exit_with(error)
     apply_cpu_workarounds()
     allow_checkpoint_rng_states()
     load_plugins()
-    return host_classes(classes)
+    return host_classes(classes, exit_on_refusal=True)
 
 
 @hookimpl

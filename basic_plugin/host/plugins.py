@@ -5,15 +5,23 @@ included, registered exactly like a third-party plugin). Environment variables:
 
 - ``LLAVA_PLUGINS``: comma-separated allow-list of entry-point names; unset means all.
 - ``LLAVA_PLUGINS_BLOCK``: comma-separated names never loaded.
+- ``LLAVA_PLUGINS_TRACE``: ``1`` prints every hook call and result to stderr.
 
 A name in either list that no installed entry point has is almost always a typo (in the
 allow-list it silently keeps every plugin out): :func:`load_plugins` warns with
 :class:`UnknownPluginWarning`, naming it and the installed names, and ``basic-llava doctor``
 counts it as a problem.
-- ``LLAVA_PLUGINS_TRACE``: ``1`` prints every hook call and result to stderr.
+
+The host's own plugin (:data:`BUILTIN_PLUGINS`: ``basic-llava``, the answer to a patched
+LLaVA's ``llava_train_classes``) is part of the host, not a plugin a user picks: this manager
+registers it by module name on every load, whatever the two lists say (as ``llm`` does with
+its default plugins). It is also the entry point ``basic-llava``, for a patched LLaVA's own
+manager, which applies the lists to it like to any other entry point: there
+``LLAVA_PLUGINS`` must name it (``basic-llava doctor`` says so).
 """
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import warnings
@@ -28,6 +36,8 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT
 ALLOW_ENV = "LLAVA_PLUGINS"
 BLOCK_ENV = "LLAVA_PLUGINS_BLOCK"
 TRACE_ENV = "LLAVA_PLUGINS_TRACE"
+#: the host's own plugins, by name: registered on every load, never kept out by the variables
+BUILTIN_PLUGINS = {"basic-llava": "basic_plugin.host.native"}
 
 pm = pluggy.PluginManager(hookspecs.PROJECT)
 pm.add_hookspecs(hookspecs)
@@ -87,13 +97,17 @@ def plugin_environment() -> PluginEnvironment:
 
 
 def blocked_names() -> set[str]:
-    """Entry-point names that the environment keeps from loading (``LLAVA_PLUGINS_BLOCK`` as given)."""
-    env = plugin_environment()
-    return set(env.blocked) | set(env.block)
+    """Names this manager keeps from loading: the environment's (``LLAVA_PLUGINS_BLOCK`` as given), but
+    never a built-in plugin's."""
+    return _kept_out(plugin_environment())
+
+
+def _kept_out(env: PluginEnvironment) -> set[str]:
+    return (set(env.blocked) | set(env.block)) - set(BUILTIN_PLUGINS)
 
 
 def load_plugins() -> pluggy.PluginManager:
-    """Load the installed plugins once, honouring the allow/block/trace variables."""
+    """Load the host's own plugins and the installed ones once, honouring the allow/block/trace variables."""
     global _loaded, _undo_trace
     if _loaded:
         return pm
@@ -102,7 +116,10 @@ def load_plugins() -> pluggy.PluginManager:
     message = env.unknown_message()
     if message:
         warnings.warn(message, UnknownPluginWarning, stacklevel=2)
-    for name in env.blocked | env.block:
+    for name, module in BUILTIN_PLUGINS.items():  # by name, as an entry point is: the module imports the host
+        if pm.get_plugin(name) is None:
+            pm.register(importlib.import_module(module), name=name)
+    for name in _kept_out(env):
         pm.set_blocked(name)
     for name, ep in sorted(available_entry_points().items()):
         if pm.is_blocked(name) or pm.get_plugin(name) is not None:

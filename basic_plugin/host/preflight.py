@@ -27,7 +27,6 @@ from typing import Optional
 from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
 from basic_plugin.host.refusal import Refusal
 
-MODES = ("auto", "full", "fast", "off")
 #: records whose token counts the ``fast`` mode checks (evenly spaced over the file)
 FAST_TOKEN_SAMPLE = 1000
 #: records named per problem kind in the report
@@ -405,40 +404,3 @@ def run_preflight(model_args, data_args, training_args, *, plugin_active: bool) 
                   f"data: {good_path}", file=sys.stderr, flush=True)
         data_args.data_path = good_path
     return outcome
-
-
-def main(argv=None) -> int:
-    """``basic-llava preflight <train() flags>``: the pre-flight alone, nothing loaded or trained.
-
-    Takes the flags of the training command (without ``--deepspeed``), so a dataset can be
-    checked on any machine before GPUs are booked; ``--data_preflight`` defaults to ``full``.
-    """
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--data_preflight" not in argv:
-        argv += ["--data_preflight", "full"]
-    import transformers
-
-    from basic_plugin.host.integration import apply_plugin_host
-
-    apply_plugin_host()
-    import llava.train.train as llava_train
-
-    parser = transformers.HfArgumentParser(
-        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
-    try:
-        _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
-    except Refusal as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if training_args.data_preflight == "off":
-        print("--data_preflight off: nothing checked", file=sys.stderr)
-        return 0
-    print(f"pre-flight passed: {data_args.data_path} "
-          f"(report: {os.path.join(training_args.output_dir, REPORT_DIR, 'report.json')})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

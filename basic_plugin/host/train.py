@@ -5,10 +5,9 @@ plugins (``--basic True`` for BASIC). Use it where flash-attn is absent, e.g. on
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from basic_plugin.host.refusal import RunStopped
+from basic_plugin.host.refusal import Refusal, RunStopped, refusals_exit
 
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
 
@@ -24,40 +23,30 @@ def explain_unknown_flags(error: ValueError) -> str:
 
 
 def main(attn_implementation: str | None = None) -> None:
+    """Check the stack, install the host, run LLaVA's ``train()``; a refusal ends the process as
+    one ``error:`` line with status 2, a guard's stop with status 3."""
     from basic_plugin.host.compat import allow_checkpoint_rng_states
     from basic_plugin.host.cpu import apply_cpu_workarounds, finish_distributed
     from basic_plugin.host.integration import apply_plugin_host
     from basic_plugin.host.versions import require_supported_versions
 
-    try:
+    with refusals_exit():
         require_supported_versions()
-    except ValueError as error:
-        refuse(error)
-    apply_cpu_workarounds()
-    allow_checkpoint_rng_states()
-    apply_plugin_host()
-    import llava.train.train as llava_train
+        apply_cpu_workarounds()
+        allow_checkpoint_rng_states()
+        apply_plugin_host()
+        import llava.train.train as llava_train
 
-    try:
-        llava_train.train(attn_implementation=attn_implementation)
-    except ValueError as error:
-        if UNUSED_ARGS in str(error):
-            print(f"error: {explain_unknown_flags(error)}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        refuse(error)
-        raise
-    except RunStopped as stop:
-        print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(3) from None
+        try:
+            llava_train.train(attn_implementation=attn_implementation)
+        except ValueError as error:
+            if UNUSED_ARGS in str(error):
+                raise Refusal(explain_unknown_flags(error)) from None
+            raise
+        except RunStopped as stop:
+            print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
+            raise SystemExit(3) from None
     finish_distributed()
-
-
-def refuse(error: ValueError) -> None:
-    """A :class:`Refusal` ends the run with ``error: <message>`` and status 2, no traceback."""
-    from basic_plugin.host.refusal import Refusal, exit_with
-
-    if isinstance(error, Refusal):
-        exit_with(error)
 
 
 if __name__ == "__main__":

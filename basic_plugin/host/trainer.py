@@ -1,6 +1,9 @@
 """LLaVA's trainer, plus the run's plugin objectives: bound once, logged by one rule, guarded.
 
-With no objective for the run, every method below defers to LLaVA's own (the one
+:class:`PluginTrainerMixin` goes in front of LLaVA's ``LLaVATrainer`` (as
+:class:`basic_plugin.host.forward.PluginForwardMixin` goes in front of its model classes):
+:func:`plugin_trainer_class` builds that subclass (a class already hosted is returned as
+it is). With no objective for the run, every method below defers to LLaVA's own (the one
 exception, kept for every run: empty optimizer groups are dropped, a fix for LoRA with
 ``--mm_projector_lr`` under DeepSpeed).
 """
@@ -8,14 +11,17 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from basic_plugin.host.binding import StepRecord, bind
 from basic_plugin.host.forward import PluginForwardMixin
-from basic_plugin.host.objective import StepRecord, bind
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.progress import progress_callback
 from basic_plugin.host.refusal import RunStopped
+
+logger = logging.getLogger(__name__)
 
 
 def llava_model_of(model):
@@ -26,7 +32,21 @@ def llava_model_of(model):
     return None
 
 
-logger = logging.getLogger(__name__)
+@dataclass
+class Streak:
+    """Bad training steps of one kind: in all, in a row, and in the current logging window."""
+
+    total: int = 0
+    in_a_row: int = 0
+    in_window: int = 0
+
+    def add(self, bad: bool) -> None:
+        if not bad:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        self.in_window += 1
 
 
 class PluginStopCallback(TrainerCallback):
@@ -42,134 +62,135 @@ class PluginStopCallback(TrainerCallback):
         return control
 
 
+class PluginTrainerMixin:
+    """Asks the plugins for their objectives, binds them to the LLaVA model, logs and guards their terms."""
+
+    def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
+        dataset = kwargs.get("train_dataset")
+        llava_model = llava_model_of(model) if model is not None else None
+        objectives = [o for o in pm.hook.llava_objective(
+            model=llava_model if llava_model is not None else model, tokenizer=tokenizer, training_args=args,
+            data_args=getattr(dataset, "data_args", None)) if o is not None]
+        if objectives and llava_model is None:
+            raise RuntimeError(f"a plugin is on, but {type(model).__name__} has no plugin forward (the host "
+                               "supports LLaVA-Llama and LLaVA-Mistral)")
+        self.plugin_binding = bind(llava_model, objectives) if llava_model is not None else None
+        super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
+        self.lm_nonfinite = Streak()  # steps whose language-model loss was NaN/inf
+        self.plugin_skipped = Streak()  # steps whose plugin terms were left out
+        self.window_steps = 0  # training steps since the last logging step
+        self.plugin_stop_reason = None
+        if self.plugin_binding is not None:
+            self.add_callback(PluginStopCallback(self))
+        progress = progress_callback()  # only when the launcher asked (BASIC_LLAVA_PROGRESS)
+        if progress is not None:
+            self.add_callback(progress)
+
+    def create_optimizer(self):
+        """LLaVA's parameter groups without the empty ones.
+
+        With LoRA and ``--mm_projector_lr`` (LLaVA's finetune_lora.sh) one group is
+        empty; DeepSpeed drops it after the LR scheduler has counted it, and the first
+        scheduler step fails. Dropping it here keeps both in step.
+        """
+        optimizer = super().create_optimizer()
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+        if self.plugin_binding is not None:  # a batch the plugin path does not take leaves no stale record
+            self.plugin_binding.last_step = StepRecord()
+        result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
+        if self.plugin_binding is not None and model.training:
+            step = self.plugin_binding.last_step
+            self._count_lm_loss(step.lm_finite)
+            self._count_skips(step.skipped)
+        return result
+
+    def _stop_after(self, streak: Streak, what: str, hint: str = "") -> None:
+        """Ask for a stop once ``streak`` has ``--plugin_max_nonfinite_steps`` bad steps in a row (the first
+        reason given stays)."""
+        limit = getattr(self.args, "plugin_max_nonfinite_steps", 20)
+        if streak.in_a_row >= limit and not self.plugin_stop_reason:
+            self.plugin_stop_reason = (f"{streak.in_a_row} consecutive steps had {what} "
+                                       f"(limit --plugin_max_nonfinite_steps {limit}){hint}")
+
+    def _count_lm_loss(self, finite: bool) -> None:
+        """A step whose LM loss is NaN/inf learns nothing: count it, log it, stop after too many in a row."""
+        self.window_steps += 1
+        self.lm_nonfinite.add(not finite)
+        if finite:
+            return
+        logger.warning("step %d: the language-model loss is not finite (a batch with no supervised token "
+                       "left after truncation gives NaN); this step learns nothing", self.state.global_step + 1)
+        self._stop_after(self.lm_nonfinite, "a non-finite language-model loss",
+                         "; `--data_preflight full` finds records that truncation leaves with no supervised token")
+
+    def _count_skips(self, reason):
+        """Bad plugin terms cost the step its auxiliary loss; too many in a row stop the run."""
+        self.plugin_skipped.add(reason is not None)
+        if reason is None:
+            return
+        logger.warning("step %d: plugin loss terms left out (%s); training on the LM loss alone",
+                       self.state.global_step + 1, reason)
+        self._stop_after(self.plugin_skipped, f"unusable plugin loss terms ({reason})")
+
+    def _review(self, logs):
+        """Each objective's ``review(logged)`` judges the logging step (the same on every rank)."""
+        for objective in self.plugin_binding.objectives:
+            verdict = objective.review(dict(logs))
+            if verdict is None:
+                continue
+            if self.args.process_index == 0:
+                print(f"[basic-llava] step {self.state.global_step}: {verdict.message}", flush=True)
+            logs["plugin_guard_warnings"] = logs.get("plugin_guard_warnings", 0) + 1
+            if verdict.stop and not self.plugin_stop_reason:
+                self.plugin_stop_reason = verdict.message
+                # the Trainer saves right after logging: checkpoint and stop at this very step
+                self.control.should_save = self.control.should_training_stop = True
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.plugin_stop_reason:
+            step = self.state.global_step
+            saved = os.path.join(self.args.output_dir, f"checkpoint-{step}")
+            restart = "the same command resumes from it"
+            if getattr(self.args, "tune_mm_mlp_adapter", False):
+                # LLaVA's pretraining checkpoints hold only mm_projector.bin and cannot be resumed;
+                # renamed, the folder does not block a restart of the same command
+                kept = os.path.join(self.args.output_dir, f"stopped-at-step-{step}")
+                if self.args.process_index == 0 and os.path.isdir(saved):
+                    if os.path.isdir(kept):
+                        import shutil
+
+                        shutil.rmtree(kept)
+                    os.replace(saved, kept)
+                saved = kept
+                restart = ("the same command starts afresh in this folder; its mm_projector.bin can seed "
+                           "--pretrain_mm_mlp_adapter")
+            raise RunStopped(f"stopped the run at step {step}: {self.plugin_stop_reason}. "
+                             f"Checkpoint saved in {saved} ({restart}).")
+        return result
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs and self.plugin_binding is not None:
+            if self.window_steps and self.lm_nonfinite.in_window == self.window_steps:
+                logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
+            if self.lm_nonfinite.total:
+                logs["lm_loss_nonfinite_steps"] = self.lm_nonfinite.total
+            self.window_steps = self.lm_nonfinite.in_window = self.plugin_skipped.in_window = 0
+            logs.update(self.plugin_binding.accumulator.means(device=self.args.device))
+            self._review(logs)
+            if self.plugin_skipped.total:
+                logs["plugin_skipped_steps"] = self.plugin_skipped.total
+        return super().log(logs, *args, **kwargs)
+
+
 def plugin_trainer_class(llava_trainer: type) -> type:
-    """A subclass of ``llava_trainer`` that asks the plugins for their objectives and logs their terms."""
-
-    class PluginTrainer(llava_trainer):
-        def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
-            dataset = kwargs.get("train_dataset")
-            llava_model = llava_model_of(model) if model is not None else None
-            objectives = [o for o in pm.hook.llava_objective(
-                model=llava_model if llava_model is not None else model, tokenizer=tokenizer, training_args=args,
-                data_args=getattr(dataset, "data_args", None)) if o is not None]
-            if objectives and llava_model is None:
-                raise RuntimeError(f"a plugin is on, but {type(model).__name__} has no plugin forward (the host "
-                                   "supports LLaVA-Llama and LLaVA-Mistral)")
-            self.plugin_binding = bind(llava_model, objectives) if llava_model is not None else None
-            super().__init__(model=model, tokenizer=tokenizer, args=args, **kwargs)
-            self.plugin_skipped_total = self._skipped_in_a_row = 0
-            self.lm_nonfinite_total = self._lm_nonfinite_in_a_row = 0
-            self._window_steps = self._window_lm_nonfinite = 0
-            self.plugin_stop_reason = None
-            if self.plugin_binding is not None:
-                self.add_callback(PluginStopCallback(self))
-            progress = progress_callback()  # only when the launcher asked (BASIC_LLAVA_PROGRESS)
-            if progress is not None:
-                self.add_callback(progress)
-
-        def create_optimizer(self):
-            """LLaVA's parameter groups without the empty ones.
-
-            With LoRA and ``--mm_projector_lr`` (LLaVA's finetune_lora.sh) one group is
-            empty; DeepSpeed drops it after the LR scheduler has counted it, and the first
-            scheduler step fails. Dropping it here keeps both in step.
-            """
-            optimizer = super().create_optimizer()
-            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-            return optimizer
-
-        def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
-            if self.plugin_binding is not None:  # a batch the plugin path does not take leaves no stale record
-                self.plugin_binding.last_step = StepRecord()
-            result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
-            if self.plugin_binding is not None and model.training:
-                step = self.plugin_binding.last_step
-                self._count_lm_loss(step.lm_finite)
-                self._count_skips(step.skipped)
-            return result
-
-        def _count_lm_loss(self, finite: bool) -> None:
-            """A step whose LM loss is NaN/inf learns nothing: count it, log it, stop after too many in a row."""
-            self._window_steps += 1
-            if finite:
-                self._lm_nonfinite_in_a_row = 0
-                return
-            self.lm_nonfinite_total += 1
-            self._lm_nonfinite_in_a_row += 1
-            self._window_lm_nonfinite += 1
-            logger.warning("step %d: the language-model loss is not finite (a batch with no supervised token "
-                           "left after truncation gives NaN); this step learns nothing", self.state.global_step + 1)
-            limit = getattr(self.args, "plugin_max_nonfinite_steps", 20)
-            if self._lm_nonfinite_in_a_row >= limit and not self.plugin_stop_reason:
-                self.plugin_stop_reason = (
-                    f"{self._lm_nonfinite_in_a_row} consecutive steps had a non-finite language-model loss "
-                    f"(limit --plugin_max_nonfinite_steps {limit}); `--data_preflight full` finds records that "
-                    "truncation leaves with no supervised token")
-
-        def _count_skips(self, reason):
-            """Bad plugin terms cost the step its auxiliary loss; too many in a row stop the run."""
-            if reason is None:
-                self._skipped_in_a_row = 0
-                return
-            self.plugin_skipped_total += 1
-            self._skipped_in_a_row += 1
-            logger.warning("step %d: plugin loss terms left out (%s); training on the LM loss alone",
-                           self.state.global_step + 1, reason)
-            limit = getattr(self.args, "plugin_max_nonfinite_steps", 20)
-            if self._skipped_in_a_row >= limit and not self.plugin_stop_reason:
-                self.plugin_stop_reason = (
-                    f"{self._skipped_in_a_row} consecutive steps had unusable plugin loss terms ({reason}) "
-                    f"(limit --plugin_max_nonfinite_steps {limit})")
-
-        def _review(self, logs):
-            """Objectives with a ``review(logged)`` method judge each logging step (the same on every rank)."""
-            for objective in self.plugin_binding.objectives:
-                verdict = objective.review(dict(logs)) if hasattr(objective, "review") else None
-                if verdict is None:
-                    continue
-                if self.args.process_index == 0:
-                    print(f"[basic-llava] step {self.state.global_step}: {verdict.message}", flush=True)
-                logs["plugin_guard_warnings"] = logs.get("plugin_guard_warnings", 0) + 1
-                if verdict.stop and not self.plugin_stop_reason:
-                    self.plugin_stop_reason = verdict.message
-                    # the Trainer saves right after logging: checkpoint and stop at this very step
-                    self.control.should_save = self.control.should_training_stop = True
-
-        def train(self, *args, **kwargs):
-            result = super().train(*args, **kwargs)
-            if self.plugin_stop_reason:
-                step = self.state.global_step
-                saved = os.path.join(self.args.output_dir, f"checkpoint-{step}")
-                restart = "the same command resumes from it"
-                if getattr(self.args, "tune_mm_mlp_adapter", False):
-                    # LLaVA's pretraining checkpoints hold only mm_projector.bin and cannot be resumed;
-                    # renamed, the folder does not block a restart of the same command
-                    kept = os.path.join(self.args.output_dir, f"stopped-at-step-{step}")
-                    if self.args.process_index == 0 and os.path.isdir(saved):
-                        if os.path.isdir(kept):
-                            import shutil
-
-                            shutil.rmtree(kept)
-                        os.replace(saved, kept)
-                    saved = kept
-                    restart = ("the same command starts afresh in this folder; its mm_projector.bin can seed "
-                               "--pretrain_mm_mlp_adapter")
-                raise RunStopped(f"stopped the run at step {step}: {self.plugin_stop_reason}. "
-                                 f"Checkpoint saved in {saved} ({restart}).")
-            return result
-
-        def log(self, logs, *args, **kwargs):
-            if "loss" in logs and self.plugin_binding is not None:
-                if self._window_steps and self._window_lm_nonfinite == self._window_steps:
-                    logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
-                if self.lm_nonfinite_total:
-                    logs["lm_loss_nonfinite_steps"] = self.lm_nonfinite_total
-                self._window_steps = self._window_lm_nonfinite = 0
-                logs.update(self.plugin_binding.accumulator.means(device=self.args.device))
-                self._review(logs)
-                if self.plugin_skipped_total:
-                    logs["plugin_skipped_steps"] = self.plugin_skipped_total
-            return super().log(logs, *args, **kwargs)
-
-    PluginTrainer.__name__ = PluginTrainer.__qualname__ = "PluginTrainer"
-    return PluginTrainer
+    """``llava_trainer`` with :class:`PluginTrainerMixin` in front (class name ``PluginTrainer``)."""
+    if issubclass(llava_trainer, PluginTrainerMixin):
+        return llava_trainer
+    return type("PluginTrainer", (PluginTrainerMixin, llava_trainer), {
+        "__module__": __name__, "__qualname__": "PluginTrainer",
+        "__doc__": f"{llava_trainer.__name__} with basic-llava's plugin objectives, logging and guards.",
+    })

@@ -15,7 +15,8 @@ class Finding:
     note: str
 
 
-def _version(dist: str) -> str | None:
+def installed_version(dist: str) -> str | None:
+    """The installed version of distribution ``dist``, or None when it is not installed."""
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -32,7 +33,7 @@ def _has_cuda() -> bool:
 
 
 def _check(package, dist, rule, note_bad, required=True):
-    found = _version(dist)
+    found = installed_version(dist)
     if found is None:
         return Finding(package, None, not required, "not installed" + ("" if required else " (optional)"))
     ok = rule(Version(found))
@@ -60,8 +61,8 @@ def check_versions() -> list[Finding]:
         _check("pluggy", "pluggy", lambda v: v >= Version("1.3"), "pluggy >= 1.3 is needed"),
         _check("sentencepiece", "sentencepiece", lambda v: True, "", required=True),
     ]
-    if _version("llava") is not None and _version("llava-torch") is None:
-        findings[1] = Finding("llava", _version("llava"), True, "ok (git checkout of LLaVA)")
+    if installed_version("llava") is not None and installed_version("llava-torch") is None:
+        findings[1] = Finding("llava", installed_version("llava"), True, "ok (git checkout of LLaVA)")
     return findings
 
 

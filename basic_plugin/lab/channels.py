@@ -32,6 +32,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 TOP = 5
 SINK_RATIO = 10.0
 
@@ -224,32 +226,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
 
     args = build_parser().parse_args(strip_separator(argv))
     llm = Path(args.llm)
     if not (llm / "config.json").is_file():
-        print(f"error: --llm {args.llm}: no config.json there; allowed: a Hugging Face LLM folder", file=sys.stderr)
-        return 2
+        return print_refusal(f"--llm {args.llm}: no config.json there; allowed: a Hugging Face LLM folder")
     drop = args.drop.strip()
     if drop != "auto" and not drop.isdigit():
-        print(f"error: --drop {args.drop!r} is invalid; allowed: auto or an integer N >= 0", file=sys.stderr)
-        return 2
+        return print_refusal(f"--drop {args.drop!r} is invalid; allowed: auto or an integer N >= 0")
     if (args.runs or args.vision_tower) and not args.images:
-        print("error: --images: none given; allowed: image files or folders (needed with --runs/--vision-tower)",
-              file=sys.stderr)
-        return 2
+        return print_refusal("--images: none given; allowed: image files or folders (needed with --runs/--vision-tower)")
     import torch
 
     from basic_plugin.basic.target import default_depth, depth_range, valid_depth
-    from basic_plugin.lab.lens import load_images, load_llava
 
     layers = json.loads((llm / "config.json").read_text())["num_hidden_layers"]
     depth = args.depth or default_depth(layers)
     if not valid_depth(depth, layers):
-        print(f"error: --depth {depth} is out of range; allowed: {depth_range(layers)}", file=sys.stderr)
-        return 2
-    torch.set_grad_enabled(False)
+        return print_refusal(f"--depth {depth} is out of range; allowed: {depth_range(layers)}")
+    with torch.no_grad():  # not set_grad_enabled(False): the caller's process keeps its gradients
+        report = _report(args, llm, depth, drop)
+    print(text(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, Path(args.plot))
+        print(f"plot: {args.plot}")
+    return 0
+
+
+def _report(args, llm: Path, depth: int, drop: str) -> dict:
+    """The text probe's report, and the images' for ``--vision-tower`` / ``--runs`` (no gradients needed)."""
+    from basic_plugin.lab.lens import load_images, load_llava
+
     if args.vision_tower or not args.runs:
         tokenizer, model, processor = initial_llava(str(llm), args.vision_tower) if args.vision_tower else \
             (*_llm_only(llm), None)
@@ -265,13 +275,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for run in args.runs:
             tokenizer, model, processor = load_llava(run, str(llm))
             report["images"][run] = image_report(model, tokenizer, processor, files, depth, dropped, args.top)
-    print(text(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1))
-    if args.plot:
-        plot(report, Path(args.plot))
-        print(f"plot: {args.plot}")
-    return 0
+    return report
 
 
 def _llm_only(llm: Path):
@@ -330,13 +334,10 @@ def text(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     t = report["text"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (a, b) = subplots(1, 2, figsize=(11, 3.8))
     shown = []
     for r in t["layers"]:
         for c in r["channels"][:3]:
@@ -363,9 +364,7 @@ def plot(report: dict, path: Path) -> None:
     b.set_ylabel(f"% of a token's squared norm in its top {report['top']}")
     b.set_title(f"how concentrated the target is (depth {report['depth']})", fontsize=10)
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -63,7 +63,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from basic_plugin.host.objective import bind, binding_of
+from basic_plugin.host.binding import bind, binding_of
+from basic_plugin.host.refusal import print_refusal
 from basic_plugin.lab.bench.flops import (CLIP_L_336, FINETUNE_TEXT, PRETRAIN_TEXT, VICUNA_7B, LLMShape, Workload,
                                           flop_share, llm_shape_of, tower_shape_of)
 from basic_plugin.lab.bench.machine import machine_info, sync
@@ -572,8 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.tiny and device.type == "cpu":
         torch.set_num_threads(1)  # tiny shapes gain nothing from threads, and lose much on a loaded machine
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but torch sees no GPU", file=sys.stderr)
-        return 2
+        return print_refusal("--device cuda but torch sees no GPU")
     summary = run_check(tiny=args.tiny, device=device, attention=args.attention, stages=args.stages,
                         warmup=args.warmup, repeats=args.repeats, budget_s=args.budget_s,
                         dtype=getattr(torch, args.dtype) if args.dtype else None, batch=args.batch,

@@ -27,6 +27,8 @@ import statistics
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 LENGTHS = (100, 200, 300, 400)
 THRESHOLD = 0.30
 
@@ -71,9 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import sys
-
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
     from basic_plugin.lab.sweep import (MONITOR_FLAGS, checkpoints, evaluate_run, in_pairs, train_run, workspace)
 
     args = build_parser().parse_args(strip_separator(argv))
@@ -82,14 +82,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError:
         lengths = []
     if not lengths or lengths[0] < 1:
-        print(f"error: --lengths {args.lengths!r} is invalid; allowed: comma-separated integers >= 1", file=sys.stderr)
-        return 2
+        return print_refusal(f"--lengths {args.lengths!r} is invalid; allowed: comma-separated integers >= 1")
     ws = workspace(args)
     bad = [n for n in lengths if n % ws.cfg["save_every"]]
     if bad:
-        print(f"error: --lengths {args.lengths}: {bad} not multiples of --save-every {ws.cfg['save_every']}; "
-              "allowed: multiples of it", file=sys.stderr)
-        return 2
+        return print_refusal(f"--lengths {args.lengths}: {bad} not multiples of --save-every {ws.cfg['save_every']}; "
+                      "allowed: multiples of it")
     longest, seeds = lengths[-1], list(range(ws.cfg["seeds"]))
 
     def train_and_score(seed):
@@ -143,14 +141,11 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     rows = report["rows"]
     lengths = [r["steps"] for r in rows]
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = subplots(figsize=(5.5, 3.6))
     for i, s in enumerate(report["seeds"]):
         ax.plot(lengths, [100 * r["calibrated"][i] for r in rows], marker="o", lw=1.2, label=f"seed {s}")
     ax.plot(lengths, [100 * statistics.fmean(r["calibrated"]) for r in rows], color="black", lw=2.2, label="mean")
@@ -165,9 +160,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_title("monitor arm (= baseline): length curve", fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from basic_plugin.basic.target import default_depth
+from basic_plugin.lab.argv import strip_separator
 
 #: English function words that never count as meaningful (lower case).
 STOP_WORDS = frozenset("""
@@ -296,12 +297,9 @@ def run_lens(model, tokenizer, image_processor, files: Sequence[Path], *, batch:
 # -- output -----------------------------------------------------------------------------------
 def plot_layers(results: Dict[str, dict], path, title: str = "", depth: Optional[int] = None) -> Path:
     """One line per model: mean meaningful nearest words per image, by layer (``depth``: shade layers 1..k)."""
-    import matplotlib
+    from basic_plugin.lab.plots import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    fig, ax = subplots(figsize=(6.4, 3.6), dpi=100)
     tokens = None
     for label, summary in results.items():
         ys = summary["mean_meaningful"]
@@ -314,12 +312,7 @@ def plot_layers(results: Dict[str, dict], path, title: str = "", depth: Optional
     ax.set_title(title or "Image tokens whose nearest vocabulary embedding is a meaningful word")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def format_layer_table(results: Dict[str, dict]) -> str:
@@ -331,11 +324,6 @@ def format_layer_table(results: Dict[str, dict]) -> str:
         rows.append(f"{layer:>5} " + " ".join(f"{results[label]['mean_meaningful'][layer]:>12.1f}" for label in labels))
     return "\n".join(rows)
 
-
-def strip_separator(argv):
-    """Drop a leading ``--`` (``basic-llava JOB -- --flag ...`` hands it through)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return argv[1:] if argv[:1] == ["--"] else argv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -36,6 +36,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
+
 
 def caption_batch(records: Sequence[dict], tokenizer, image_processor, model_config, image_folder) -> dict:
     """A training batch of pretraining records as LLaVA's ``plain`` preprocessing and collator build it."""
@@ -67,7 +69,7 @@ def bind_basic(model, *, lambda_das: float, lambda_sds: float, overrides: Option
     (``tokenizer``: for ``--basic_drop_channels``, whose probe needs it)."""
     from basic_plugin.basic import plugin as basic
     from basic_plugin.basic.arguments import BasicArguments
-    from basic_plugin.host.objective import bind
+    from basic_plugin.host.binding import bind
 
     args = {**asdict(BasicArguments()), **(overrides or {}), "basic": True, "basic_lambda_das": lambda_das,
             "basic_lambda_sds": lambda_sds, "tune_mm_mlp_adapter": True}
@@ -93,7 +95,7 @@ def term_gradients(model, batches: Sequence[dict], *, lambda_das: float, lambda_
                    overrides: Optional[dict] = None, tokenizer=None) -> dict:
     """``{"lm", "das", "sds"}``: each a list of the projector parameters' gradients (float64, in
     ``parameters()`` order) of the caption loss and of each of BASIC's terms as added to it."""
-    from basic_plugin.host.objective import bind
+    from basic_plugin.host.binding import bind
 
     model.requires_grad_(False)
     for p in model.get_model().mm_projector.parameters():
@@ -241,8 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         overrides = parse_basic_flags(args.basic_flags)
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return print_refusal(err)
     defaults = BasicArguments()
     lambda_das = overrides.pop("basic_lambda_das", defaults.basic_lambda_das)
     lambda_sds = overrides.pop("basic_lambda_sds", defaults.basic_lambda_sds)

@@ -44,13 +44,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+from basic_plugin.host.refusal import print_refusal
 from basic_plugin.lab.demo.run import DEFAULTS as DEMO
 
 MONITOR_FLAGS = ["--basic_lambda_das", "0", "--basic_lambda_sds", "0"]
@@ -141,9 +141,8 @@ def workspace(args) -> Workspace:
     layers = json.loads((Path(paths["lm"]) / "config.json").read_text())["num_hidden_layers"]
     fmnist_dir = args.fmnist_dir or demo_data.FMNIST_DIR
     if not demo_data.fmnist_available(fmnist_dir):
-        print(f"error: --fmnist-dir {fmnist_dir}: Fashion-MNIST not found; allowed: {demo_data.INSTALL_HINT}",
-              file=sys.stderr)
-        raise SystemExit(2)
+        raise SystemExit(print_refusal(f"--fmnist-dir {fmnist_dir}: Fashion-MNIST not found; "
+                                f"allowed: {demo_data.INSTALL_HINT}"))
     data = demo_data.build_dataset(out / "data", train=cfg["train_images"], test=cfg["test"], val=cfg["val"],
                                    size=size, seed=0, fmnist_dir=fmnist_dir, progress=progress)
     return Workspace(out, cfg, paths, data, layers, progress)
@@ -294,20 +293,18 @@ def chosen_length(out: Path) -> Optional[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from basic_plugin.lab.demo.run import strip_separator
+    from basic_plugin.lab.argv import strip_separator
     from basic_plugin.lab.provenance import code_version, machine
 
     args = build_parser().parse_args(strip_separator(argv))
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
-        print(f"error: --configs: unknown {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}", file=sys.stderr)
-        return 2
+        return print_refusal(f"--configs: unknown {', '.join(unknown)}; allowed: {', '.join(CONFIGS)}")
     steps = args.steps or chosen_length(Path(args.out)) or (TINY["steps"] if args.tiny else None)
     if not steps:
-        print(f"error: --steps: no training length given and no {Path(args.out) / 'length.json'}; allowed: an "
-              "integer >= 1, or run `basic-llava length` with the same --out first", file=sys.stderr)
-        return 2
+        return print_refusal(f"--steps: no training length given and no {Path(args.out) / 'length.json'}; allowed: an "
+                      "integer >= 1, or run `basic-llava length` with the same --out first")
     ws = workspace(args)
     seeds = range(ws.cfg["seeds"])
     start = time.perf_counter()
@@ -420,13 +417,10 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from basic_plugin.lab.plots import save, subplots
 
     names = list(report["validation"])
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 3.8))
+    fig, ax = subplots(figsize=(max(6, 1.2 * len(names) + 2), 3.8))
     for i, name in enumerate(names):
         per_seed = report["validation"][name]["per_seed_calibrated"]
         ax.scatter([i - 0.12] * len(per_seed), [100 * x for x in per_seed], color="C0", alpha=0.45, s=14)
@@ -442,9 +436,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set_ylabel("calibrated zero-shot accuracy (%)")
     ax.set_title(f"{report['config']['steps']} steps: dots = seeds, bars = mean of seeds (chance 10%)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 CURVES = (("lm_loss", "caption (lm) loss"), ("basic_weighted_cos", "a_i-weighted cos(v, vhat)"),
@@ -454,12 +446,9 @@ CURVES = (("lm_loss", "caption (lm) loss"), ("basic_weighted_cos", "a_i-weighted
 
 def plot_curves(logs: Dict[str, List[List[dict]]], path: Path) -> None:
     """Per-step health curves, one line per configuration (mean over seeds, 5-step running mean)."""
-    import matplotlib
+    from basic_plugin.lab.plots import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), dpi=90)
+    fig, axes = subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.3), dpi=90)
     for i, (name, histories) in enumerate(logs.items()):
         for ax, (key, title) in zip(axes, CURVES):
             series = [step_curves(h, key) for h in histories]
@@ -477,9 +466,7 @@ def plot_curves(logs: Dict[str, List[List[dict]]], path: Path) -> None:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,9 @@
   112 px) and Llama-2/Vicuna's 32000-piece ``LlamaTokenizer`` into a cache folder whose
   ``manifest.json`` records every file's sha256 (``basic-llava assets --verify``
   re-hashes them all).
+- :mod:`basic_plugin.lab.assets.catalog` (what is installed), :mod:`~basic_plugin.lab.assets.download`
+  (hash-pinned downloads), :mod:`~basic_plugin.lab.assets.cache` (the cache and its manifest)
+  and :mod:`~basic_plugin.lab.assets.install` (build, verify, command line) do the installing;
 - :mod:`basic_plugin.lab.assets.smollm2`, :mod:`basic_plugin.lab.assets.dinov2` and
   :mod:`basic_plugin.lab.assets.llama_tokenizer` hold the converters.
 
@@ -14,14 +17,16 @@ conversion runs. ``python -m basic_plugin.lab.assets.install`` is the command li
 """
 from __future__ import annotations
 
-_EXPORTS = ("ARCHIVES", "ASSETS", "CACHE_ENV", "asset_paths", "default_cache_dir", "install_assets", "source_files")
+#: the package's names, and the module each lives in
+_EXPORTS = {"ARCHIVES": "catalog", "ASSETS": "catalog", "CACHE_ENV": "cache", "asset_paths": "cache",
+            "default_cache_dir": "cache", "source_files": "cache", "install_assets": "install"}
 __all__ = list(_EXPORTS)
 
 
 def __getattr__(name):
     # Lazy, so that ``python -m basic_plugin.lab.assets.install`` does not import the module twice.
     if name in _EXPORTS:
-        from basic_plugin.lab.assets import install
+        import importlib
 
-        return getattr(install, name)
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

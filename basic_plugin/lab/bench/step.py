@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from basic_plugin.host.objective import bind, binding_of
+from basic_plugin.host.binding import bind, binding_of
 from basic_plugin.lab.bench.flops import (FINETUNE_TEXT, PRETRAIN_TEXT, Workload, flop_share, llm_shape_of,
                                           tower_shape_of)
 from basic_plugin.lab.bench.machine import sync

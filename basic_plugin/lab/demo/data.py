@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.lab.argv import strip_separator
+
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FMNIST_PACKAGE = "dataset-fashion-mnist"
 INSTALL_HINT = f"apt-get install {FMNIST_PACKAGE}"
@@ -300,11 +302,6 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
     meta_path.write_text(json.dumps(meta, indent=1) + "\n")
     return paths
 
-
-def strip_separator(argv):
-    """Drop a leading ``--`` (``basic-llava JOB -- --flag ...`` hands it through)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return argv[1:] if argv[:1] == ["--"] else argv
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -57,12 +57,9 @@ def plot_health(runs: Dict[str, Dict[str, dict]], path: Path, labels: Dict[str, 
     """BASIC's health metrics per step for every arm (the baseline logs them as a monitor-only run)."""
     if not any(_series(run["log_history"], "basic_v_pairwise_cos")[0] for arms in runs.values() for run in arms.values()):
         return None
-    import matplotlib
+    from basic_plugin.lab.plots import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.2), dpi=90)
+    fig, axes = subplots(1, 4, figsize=(14, 3.2), dpi=90)
     colors = _colors(runs)
     for seed, arms in runs.items():
         for arm, run in arms.items():
@@ -80,21 +77,14 @@ def plot_health(runs: Dict[str, Dict[str, dict]], path: Path, labels: Dict[str, 
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_losses(runs: Dict[str, Dict[str, dict]], path: Path, labels: Dict[str, str]) -> Path:
     """lm loss of every arm (thin: raw, thick: 5-step mean), and BASIC's two terms (as added to the loss)."""
-    import matplotlib
+    from basic_plugin.lab.plots import save, subplots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2), dpi=90)
+    fig, axes = subplots(1, 3, figsize=(11, 3.2), dpi=90)
     colors = _colors(runs)
     for seed, arms in runs.items():
         for arm, run in arms.items():
@@ -117,11 +107,7 @@ def plot_losses(runs: Dict[str, Dict[str, dict]], path: Path, labels: Dict[str, 
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def _mean_lists(lists: List[List[float]]) -> List[float]:

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.lab.argv import strip_separator
 from basic_plugin.lab.demo import selected
 
 #: the grid's yardstick (basic_plugin.lab.sweep): its length, training set, validation and test sizes and
@@ -201,11 +202,6 @@ def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progre
         for bar in bars.values():
             bar.close()
 
-
-def strip_separator(argv):
-    """Drop a leading ``--`` (``basic-llava JOB -- --flag ...`` hands it through)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    return argv[1:] if argv[:1] == ["--"] else argv
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from basic_plugin import hookimpl
+from basic_plugin.api import hookimpl
 
 MODEL_TYPE = "dinov2"
 

@@ -1,45 +1,20 @@
-"""What a plugin returns for a run, and where the host keeps it: the objective and its binding.
+"""Where the host keeps a run's objectives: bound to the LLaVA model, with what they produced.
 
-A plugin that is on for a run returns one :class:`Objective` from ``llava_objective``; it
-holds the plugin's settings and state, and computes the plugin's loss terms and metrics
-for a batch. The host binds the run's objectives to the LLaVA model itself (the same
-module under PEFT/LoRA and DeepSpeed) in a :class:`Binding`, kept in a weak map, never as
-an attribute of the model. No objective at all: nothing is bound, and training is
-LLaVA's own forward and trainer code.
+The host binds the run's objectives (:class:`basic_plugin.host.contract.Objective`, what
+the plugins return from ``llava_objective``) to the LLaVA model itself (the same module
+under PEFT/LoRA and DeepSpeed) in a :class:`Binding`, kept in a weak map, never as an
+attribute of the model. No objective at all: nothing is bound, and training is LLaVA's
+own forward and trainer code.
 """
 from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Mapping, Optional, Sequence
 
 import torch
 
-
-@runtime_checkable
-class Objective(Protocol):
-    """A plugin's part of the training loss for one run."""
-
-    #: True when :meth:`terms` reads ``outputs.hidden_states``
-    wants_hidden_states: bool
-
-    def terms(self, model, batch, outputs, image_positions) -> tuple[Mapping[str, torch.Tensor],
-                                                                     Mapping[str, torch.Tensor]]:
-        """``(losses, metrics)`` for this batch: named scalar tensors, left on the device.
-
-        Called inside the model's forward (ZeRO-3 gathers what the plugin's module calls
-        use), after the language model ran once. ``losses`` are added to the loss and
-        logged; ``metrics`` are only logged. Both are averaged over the steps since the
-        last logging step and over ranks. Every rank must build the same graph: on a batch
-        without images return zero-valued terms and make the same module calls.
-        """
-
-
-class Verdict(Protocol):
-    """An objective's judgement at a logging step, from its optional ``review(logged)`` method."""
-
-    message: str  # one line for the training log
-    stop: bool  # end the run (with a checkpoint) after this step
+from basic_plugin.host.contract import Objective
 
 
 class Accumulator:
@@ -105,7 +80,8 @@ def bind(model, objectives: Sequence[Objective]) -> Optional[Binding]:
     """Bind ``objectives`` to ``model`` (the LLaVA module); none unbinds it. Returns the binding."""
     for objective in objectives:
         if not isinstance(objective, Objective):
-            raise TypeError(f"llava_objective returned {objective!r}: it needs wants_hidden_states and terms()")
+            raise TypeError(f"llava_objective returned {objective!r}: an objective needs wants_hidden_states, "
+                            "terms() and review() (subclass basic_plugin.api.Objective for the defaults)")
     if not objectives:
         _bindings.pop(model, None)
         return None

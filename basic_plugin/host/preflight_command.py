@@ -1,0 +1,42 @@
+"""``basic-llava preflight <train() flags>``: the data pre-flight alone, nothing loaded or trained.
+
+Takes the flags of the training command (without ``--deepspeed``), so a dataset can be
+checked on any machine before GPUs are booked; ``--data_preflight`` defaults to ``full``.
+The flags are parsed by the host's own argument classes, which run the pre-flight
+(:mod:`basic_plugin.host.preflight`) exactly as ``train()`` would.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from basic_plugin.host.integration import apply_plugin_host
+from basic_plugin.host.preflight import REPORT_DIR
+from basic_plugin.host.refusal import Refusal, print_refusal
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--data_preflight" not in argv:
+        argv += ["--data_preflight", "full"]
+    import transformers
+
+    apply_plugin_host()
+    import llava.train.train as llava_train
+
+    parser = transformers.HfArgumentParser(
+        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
+    try:
+        _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
+    except Refusal as error:
+        return print_refusal(error)
+    if training_args.data_preflight == "off":
+        print("--data_preflight off: nothing checked", file=sys.stderr)
+        return 0
+    print(f"pre-flight passed: {data_args.data_path} "
+          f"(report: {os.path.join(training_args.output_dir, REPORT_DIR, 'report.json')})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
