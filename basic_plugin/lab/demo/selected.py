@@ -7,7 +7,7 @@ run again.
 """
 
 #: the grid's training length (``basic-llava length``), which the demo trains by default
-STEPS: int = 100
+STEPS: int = 200
 #: the sweep configuration chosen on the validation split (a name of ``sweep.CONFIGS``)
 NAME: str = "das_only"
 #: its BASIC flags as the grid ran them (placeholders resolved, e.g. ("--basic_lambda_das", "0.1")); () = paper defaults
