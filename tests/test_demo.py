@@ -397,6 +397,8 @@ def test_demo_pipeline_smoke_on_the_tiny_model(synthetic_fmnist, tmp_path, capsy
         sentence = next(line for line in verdict.splitlines() if line.startswith(head))
         assert re.match(re.escape(head) + r"[^:]+: (better|worse|no significant difference) \(raw accuracy",
                         sentence).group(1) == word
+        assert sentence.endswith("With 1 seed this is an illustration, not evidence: at this scale the seed moves "
+                                 "the result more than the setting does, and the grid's verdict above rests on 4 seeds.")
     done = printed.split("[demo] done in", 1)[1].split("\n")[0]  # the terminal's last line names the same verdict
     assert "BASIC flags vs baseline, zero-shot accuracy calibrated" in done and f"): {words['basic']}; raw" in done
     assert "this run's seeds only: the grid's verdict is the first line" in done

@@ -219,7 +219,19 @@ def verdict_sentence(pair: dict, label: str, arm: str) -> str:
             f"{judge(cal['diff_ci'])} (raw accuracy {_pct(raw['acc_b'])} vs {_pct(raw['acc_a'])}, {_points(raw)}: "
             f"{judge(raw['diff_ci'])}; held-out caption loss {nll[arm]:.3f} vs {nll['baseline']:.3f} nats/token, "
             f"{nll['diff']:+.3f} [{nll['diff_ci'][0]:+.3f}, {nll['diff_ci'][1]:+.3f}]: "
-            f"{judge(nll['diff_ci'], lower_is_better=True)}).")
+            f"{judge(nll['diff_ci'], lower_is_better=True)})." + seeds_caveat(len(pair["per_seed"])))
+
+
+#: seeds below which the demo says its own difference is no evidence (the grid's yardstick uses this many)
+GRID_SEEDS = 4
+
+
+def seeds_caveat(seeds: int) -> str:
+    """What a run with fewer seeds than the grid may and may not show."""
+    if seeds >= GRID_SEEDS:
+        return ""
+    return (f" With {seeds} seed{'s' if seeds > 1 else ''} this is an illustration, not evidence: at this scale the "
+            f"seed moves the result more than the setting does, and the grid's verdict above rests on {GRID_SEEDS} seeds.")
 
 
 def terminal_table(agg: dict, labels: Dict[str, str], guard: Dict[str, str]) -> str:
