@@ -427,7 +427,7 @@ def start_projector(tiny_llava, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_factory):
+def runs(tiny_llava, tiny_data_plain, tiny_data_v1, start_projector, patched_site, tmp_path_factory):
     """All training runs of this file, once (about 6 s each on 2 cores)."""
     root = tmp_path_factory.mktemp("patch_runs")
     nopluggy = root / "nopluggy" / "pluggy"
@@ -439,8 +439,19 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
         return tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=STEPS,
                                extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
 
+    # a newer transformers, as far as version checks can tell (the code is still 4.37.2's)
+    newer = root / "transformers-4.40.2"
+    info = newer / "transformers-4.40.2.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.40.2\n")
+
     plan = {
         "vanilla": ("tests._vanilla_train", (), None),
+        # LLaVA's own entry, unpatched and patched, basic-llava installed, no plugin flag, "transformers 4.40.2"
+        # (instruction tuning: the stage that writes the model and training_args.bin)
+        "unpatched_newer": ("llava.train.train", (), {"PYTHONPATH": f"{newer}{os.pathsep}{REPO_ROOT}"}),
+        "patched_off_newer": ("llava.train.train", (), {"PYTHONPATH": f"{newer}{os.pathsep}{patched}",
+                                                         "LLAVA_PLUGINS_TRACE": "1"}),
         "runtime": ("basic_plugin.train", ("--basic", "True"), None),
         "patched": ("llava.train.train", ("--basic", "True"), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
         "patched_off": ("llava.train.train", (), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
@@ -451,14 +462,22 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
                                                          "LLAVA_PLUGINS_TRACE": "1"}),
     }
 
+    def finetune_args(out, *extra):
+        return tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=STEPS,
+                               extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
+
     def run(name):
         module, extra, env = plan[name]
         out = root / name
+        make = finetune_args if name.endswith("_newer") else args
         # one thread each, two runs at a time: same arithmetic in every run, half the wall time
-        return run_training(module, args(out, *extra), output_dir=out, env={**(env or {}), "OMP_NUM_THREADS": "1"})
+        return run_training(module, make(out, *extra), output_dir=out, env={**(env or {}), "OMP_NUM_THREADS": "1"})
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(plan, pool.map(run, plan)))
+        results = dict(zip(plan, pool.map(run, plan)))
+    results["newer_transformers"] = newer
+    results["finetune_args"] = finetune_args
+    return results
 
 
 def _steps(run):
@@ -519,6 +538,87 @@ def test_patched_llava_without_basic_is_vanilla(runs, name):
                                        "[llava-plugins] llava_train_classes returned None"],
                 "patched_no_pluggy": []}[name]  # no plugin manager at all
     assert [l[:len(e)] for l, e in zip(trace, expected)] == expected and len(trace) == len(expected), trace
+
+
+def _saved_class(path: Path) -> str:
+    """The class a pickled ``training_args.bin`` names (read from the pickle, nothing imported)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    strings, globals_ = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            globals_.append(f"{strings[-2]}.{strings[-1]}")
+        elif op.name == "GLOBAL":
+            globals_.append(arg.replace(" ", "."))
+    return next(g for g in globals_ if g.endswith("TrainingArguments"))
+
+
+def test_patched_llava_without_a_plugin_flag_is_llavas_own_train(runs):
+    """Off means off: with basic-llava installed and no plugin flag, the patched LLaVA's own entry does what the
+    unpatched one does, on a transformers the host's version policy refuses (4.40.2 as far as checks can tell):
+    it trains, with the same losses and log keys, writes the same files and pickles LLaVA's own class."""
+    unpatched, patched = runs["unpatched_newer"], runs["patched_off_newer"]
+    assert unpatched["losses"] == patched["losses"] and len(unpatched["losses"]) == STEPS
+    assert [set(e) for e in _steps(unpatched)] == [set(e) for e in _steps(patched)]
+    assert not any(k.startswith(("basic_", "lm_loss", "plugin_")) for e in _steps(patched) for k in e)
+    files = {name: sorted(p.name for p in Path(run["output_dir"]).iterdir()) for name, run in
+             (("unpatched", unpatched), ("patched", patched))}
+    assert files["unpatched"] == files["patched"] and "preflight" not in files["patched"], files
+    saved = [_saved_class(Path(run["output_dir"]) / "training_args.bin") for run in (unpatched, patched)]
+    # LLaVA's own class (its module is __main__ under `python -m llava.train.train`), not the host's or transformers'
+    assert saved == ["__main__.TrainingArguments"] * 2, saved
+    # the patched LLaVA asked, and the host kept LLaVA's classes
+    trace = [l for l in patched["output"].splitlines() if l.startswith("[llava-plugins] llava_train_classes")]
+    assert trace == ["[llava-plugins] llava_train_classes -> ['basic-llava']",
+                     "[llava-plugins] llava_train_classes returned {}"], trace
+    assert "error:" not in patched["output"]
+
+
+def test_patched_llava_with_a_plugin_flag_keeps_the_version_policy(runs, patched_site, tmp_path):
+    """The same "transformers 4.40.2" with --basic True: the host's policy refuses it (one line, status 2)."""
+    out = tmp_path / "on"
+    env = training_env({"PYTHONPATH": f"{runs['newer_transformers']}{os.pathsep}{patched_site}{os.pathsep}{REPO_ROOT}"})
+    res = subprocess.run(training_command("llava.train.train", runs["finetune_args"](out, "--basic", "True")), cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("error: transformers 4.40.2: unsupported") and not out.exists()
+
+
+def test_native_host_runs_its_checks_only_when_a_plugin_is_on(monkeypatch, host_plugins):
+    """The answer to a patched LLaVA: no flag -> {} and nothing run; a host flag -> the host's classes (to parse
+    it), no version policy or CPU workaround; a plugin on, or BASIC_LLAVA_HOST=1 -> all of it."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.host import compat, cpu, native, versions
+
+    calls = []
+    monkeypatch.setattr(versions, "require_supported_versions", lambda: calls.append("versions"))
+    monkeypatch.setattr(cpu, "apply_cpu_workarounds", lambda: calls.append("cpu"))
+    monkeypatch.setattr(compat, "allow_checkpoint_rng_states", lambda: calls.append("rng"))
+    monkeypatch.delenv(native.HOST_ENV, raising=False)
+    from basic_plugin.host.integration import _originals
+
+    classes = {name: _originals.get(("llava.train.train", name), getattr(llava_train, name))
+               for name in native.HOSTED_CLASSES if hasattr(llava_train, name)}
+    base = ["--output_dir", "o", "--seed", "3", "--model_max_length", "64"]
+    assert native.native_train_classes(dict(classes), argv=base) == {} and calls == []
+    for flags in (["--basic", "False"], ["--basic=no"], ["--data_preflight", "full"], ["--no_basic_pretrain"]):
+        replaced = native.native_train_classes(dict(classes), argv=base + flags)
+        assert set(replaced) == set(classes) and calls == [], (flags, calls)
+    for flags in (["--basic", "True"], ["--basic"], ["--basic=1", "--basic_depth", "2"]):
+        calls.clear()
+        replaced = native.native_train_classes(dict(classes), argv=base + flags)
+        assert set(replaced) == set(classes) and calls == ["versions", "cpu", "rng"], (flags, calls)
+    calls.clear()
+    monkeypatch.setenv(native.HOST_ENV, "1")
+    assert set(native.native_train_classes(dict(classes), argv=base)) == set(classes)
+    assert calls == ["versions", "cpu", "rng"]
 
 
 @pytest.mark.parametrize("variables", [{"LLAVA_PLUGINS_BLOCK": f"{HOST_ENTRY_POINT[0]},basic"},
