@@ -78,12 +78,23 @@ def tiny_dinov2(tmp_path):
     return folder
 
 
-def test_hook_llava_build_vision_tower(tiny_llava, tiny_data_plain, tmp_path, tiny_dinov2):
-    """A plugin tower (the lab's DINOv2) built through the hook inside LLaVA's train()."""
+@pytest.fixture
+def tower_plugin_env(tmp_path):
+    """The lab's DINOv2 tower installed as a ``llava`` entry point, as a third-party tower plugin would be."""
+    site = tmp_path / "tower-site"
+    info = site / "dinov2_tower_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dinov2-tower-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\ndinov2 = basic_plugin.lab.towers.dinov2\n")
+    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)]), "LLAVA_PLUGINS_TRACE": "1"}
+
+
+def test_hook_llava_build_vision_tower(tiny_llava, tiny_data_plain, tmp_path, tiny_dinov2, tower_plugin_env):
+    """A plugin tower (the lab's DINOv2, installed as an entry point) built through the hook inside LLaVA's train()."""
     out = tmp_path / "run"
     args = tiny_train_args(tiny_llava, *tiny_data_plain, out, max_steps=1, extra=["--basic", "True"])
     args[args.index("--vision_tower") + 1] = str(tiny_dinov2)
-    run = run_training(HOST, args, output_dir=out, env={"LLAVA_PLUGINS_TRACE": "1"})
+    run = run_training(HOST, args, output_dir=out, env=tower_plugin_env)
     assert "[llava-plugins] llava_build_vision_tower returned DinoV2VisionTower(" in run["output"]
     config = json.loads((out / "config.json").read_text())
     assert config["mm_hidden_size"] == 32  # the DINOv2 width, not CLIP's
@@ -170,10 +181,10 @@ def test_hook_llava_objective_in_process(example_plugin, tmp_path):
 def test_hook_llava_build_vision_tower_in_process(tiny_dinov2):
     import types
 
-    from basic_plugin.host.plugins import load_plugins
+    from basic_plugin.lab.towers import register_lab_plugins
     from basic_plugin.lab.towers.dinov2 import DinoV2VisionTower
 
-    pm = load_plugins()
+    pm = register_lab_plugins()  # the lab registers its tower with the host's manager in its own processes
     tower = pm.hook.llava_build_vision_tower(vision_tower_cfg=types.SimpleNamespace(mm_vision_tower=str(tiny_dinov2)),
                                              kwargs={"delay_load": True})
     assert isinstance(tower, DinoV2VisionTower) and not tower.is_loaded

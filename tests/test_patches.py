@@ -161,12 +161,32 @@ def _run(cmd, cwd, env=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
+TOWER_ENTRY_POINT = ("dinov2", "basic_plugin.lab.towers.dinov2")
+
+
+def install_tower_plugin(site: Path) -> Path:
+    """The lab's DINOv2 tower as a third-party tower plugin: a ``llava`` entry point installed in ``site``."""
+    info = site / "dinov2_tower_plugin-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dinov2-tower-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\n%s = %s\n" % TOWER_ENTRY_POINT)
+    return site
+
+
+@pytest.fixture(scope="module")
+def tower_site(tmp_path_factory):
+    """A folder on which the tower plugin is installed (for the managers of this process: ``sys.path``)."""
+    return install_tower_plugin(tmp_path_factory.mktemp("tower_site"))
+
+
 @pytest.fixture(scope="module")
 def patched_site(tmp_path_factory):
-    """A folder holding a patched copy of the installed ``llava`` package (site-packages layout)."""
+    """A folder holding a patched copy of the installed ``llava`` package (site-packages layout), with a tower
+    plugin installed next to it."""
     import llava
 
     site = tmp_path_factory.mktemp("patched_site")
+    install_tower_plugin(site)
     shutil.copytree(Path(llava.__file__).parent, site / "llava",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     env = _git_env(site)
@@ -342,10 +362,12 @@ ENVIRONMENTS = [
 
 
 @pytest.mark.parametrize("variables", ENVIRONMENTS, ids=lambda v: ";".join(f"{k}={v[k]}" for k in v) or "unset")
-def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site, host_plugins, monkeypatch,
-                                                                    variables):
+def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site, tower_site, host_plugins,
+                                                                    monkeypatch, variables):
     """``LLAVA_PLUGINS`` / ``LLAVA_PLUGINS_BLOCK``: same loaded, blocked and unknown names in both managers."""
     import warnings
+
+    monkeypatch.syspath_prepend(str(tower_site))
 
     for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
         monkeypatch.delenv(var, raising=False)
@@ -382,9 +404,11 @@ def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site
         assert name in ours[0] and name in theirs[0]
 
 
-def test_patched_manager_traces_like_the_host(patched_site, host_plugins, monkeypatch, capsys):
+def test_patched_manager_traces_like_the_host(patched_site, tower_site, host_plugins, monkeypatch, capsys):
     """``LLAVA_PLUGINS_TRACE=1``: every hook call and its result on stderr, in the host's format."""
     import types
+
+    monkeypatch.syspath_prepend(str(tower_site))
 
     monkeypatch.delenv("LLAVA_PLUGINS", raising=False)
     monkeypatch.delenv("LLAVA_PLUGINS_BLOCK", raising=False)
@@ -655,3 +679,73 @@ def test_patched_llavas_own_entry_refuses_in_one_line(tiny_llava, tiny_data_plai
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("error: --basic_depth 999 is out of range")
     assert not out.exists()
+
+
+def install_broken_plugin(site: Path) -> Path:
+    """A ``llava`` entry point whose module fails to import (a plugin built for another stack, a half-installed one)."""
+    info = site / "broken_llava_plugin-0.1.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-llava-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[llava]\nbroken = broken_llava_plugin\n")
+    (site / "broken_llava_plugin.py").write_text("raise ImportError('broken_llava_plugin needs a package that is "
+                                                 "not installed')\n")
+    return site
+
+
+def test_a_plugin_that_fails_to_import_is_left_out_by_the_patched_llava(patched_site, tiny_llava, tmp_path):
+    """LLaVA's own builder (what load_pretrained_model calls) with a broken plugin installed: one warning naming
+    it, the other plugins load, LLaVA builds its CLIP tower."""
+    broken = install_broken_plugin(tmp_path / "broken-site")
+    script = textwrap.dedent("""
+        import types, warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            from llava import plugins
+            from llava.model.multimodal_encoder.builder import build_vision_tower
+            tower = build_vision_tower(types.SimpleNamespace(mm_vision_tower=%r, mm_vision_select_layer=-2),
+                                       delay_load=True)
+        print("tower", type(tower).__name__)
+        print("loaded", sorted(n for n, p in plugins.get_plugin_manager().list_name_plugin() if p is not None))
+        for w in caught:
+            if "plugin" in str(w.message):
+                print("warning", w.message)
+    """ % str(tiny_llava["vision"]))
+    env = training_env({"PYTHONPATH": os.pathsep.join([str(broken), str(patched_site), str(REPO_ROOT)])})
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert "tower CLIPVisionTower" in lines
+    assert "loaded ['basic', 'basic-llava', 'dinov2']" in lines
+    from basic_plugin.host.plugins import load_failure_message
+
+    expected = load_failure_message("broken", "broken_llava_plugin",
+                                    ImportError("broken_llava_plugin needs a package that is not installed"))
+    assert [l for l in lines if l.startswith("warning")] == [f"warning {expected}"]
+
+
+def test_a_plugin_that_fails_to_import_is_left_out_by_the_host(tmp_path, host_plugins, monkeypatch, patched_site):
+    """The host's manager does what the patched LLaVA's does: the same one warning, the rest loads; the run's
+    unknown-flag message names it."""
+    import warnings
+
+    from basic_plugin.host.train import explain_unknown_flags
+
+    monkeypatch.syspath_prepend(str(install_broken_plugin(tmp_path / "broken-site")))
+    for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
+        monkeypatch.delenv(var, raising=False)
+    patched = _load(patched_site / "llava" / "plugins.py", "llava_plugins_broken_under_test")
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        patched.get_plugin_manager()
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        pm = host_plugins.load_plugins()
+    ours = [w for w in ours if "failed to load" in str(w.message)]
+    theirs = [w for w in theirs if "failed to load" in str(w.message)]
+    assert len(ours) == len(theirs) == 1 and str(ours[0].message) == str(theirs[0].message)
+    assert ours[0].category is host_plugins.PluginLoadWarning and "'broken'" in str(ours[0].message)
+    assert pm.get_plugin("basic") is not None and pm.get_plugin("broken") is None
+    assert host_plugins.failed_plugins() == ["broken"]
+    message = explain_unknown_flags(ValueError("Some specified arguments are not used: ['--broken_flag', '1']"))
+    assert "failed to load" in message and "broken" in message

@@ -285,6 +285,9 @@ def test_installed_wheel_is_what_imports(venv):
     assert not any(p and str(Path(p).resolve()).startswith(repo) for p in probe["path"]), probe["path"]
     wanted = sorted((name, value, DIST) for name, value in PYPROJECT["project"]["entry-points"]["llava"].items())
     assert [tuple(ep) for ep in probe["llava_entry_points"]] == wanted
+    # the host and BASIC, no lab code: a LLaVA that loads checkpoints consults nothing else of ours
+    assert [(name, value) for name, value, _ in probe["llava_entry_points"]] == [
+        ("basic", "basic_plugin.basic.plugin"), ("basic-llava", "basic_plugin.host.native")]
     assert (venv["site"] / "basic_plugin" / "configs" / "zero2.json").is_file()
     assert not (venv["site"] / "tests").exists()
 

@@ -176,9 +176,9 @@ def initial_llava(llm: str, vision_tower: str):
     import torch
     from transformers import AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -283,9 +283,9 @@ def _llm_only(llm: Path):
     import torch
     from transformers import AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -185,9 +185,9 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
 
     cls = model_class or LlavaLlamaForCausalLM

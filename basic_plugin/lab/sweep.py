@@ -183,9 +183,9 @@ def evaluate_run(ws: Workspace, model_dir: Path, split: str) -> dict:
     if not (model_dir / "config.json").is_file():  # an adapter checkpoint: the run's config
         shutil.copy(model_dir.parent / "config.json", model_dir / "config.json")
     with _eval_lock:  # model loading patches process-wide state: one at a time, scoring in parallel
-        from basic_plugin.host.integration import apply_plugin_host
+        from basic_plugin.lab.towers import apply_lab_host
 
-        apply_plugin_host()
+        apply_lab_host()
     result = evaluate_model(model_dir, ws.paths["lm"], ws.data, captions=demo_data.class_captions(),
                             n_test=ws.cfg[split], n_lens=0, n_caption_test=0, progress=False, split=split)
     path.write_text(json.dumps(result))
