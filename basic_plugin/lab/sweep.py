@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from basic_plugin.host.refusal import print_refusal
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.demo.run import DEFAULTS as DEMO
 
 MONITOR_FLAGS = ["--basic_lambda_das", "0", "--basic_lambda_sds", "0"]
@@ -275,7 +276,7 @@ def step_curves(log_history: Sequence[dict], key: str):
 
 # -- the command --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="basic-llava sweep", description=__doc__.splitlines()[0],
+    p = CommandParser("sweep", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_workspace_options(p)
     p.add_argument("--configs", default=",".join(GRID),

@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.argv import strip_separator
 from basic_plugin.lab.demo import selected
 
@@ -205,7 +206,7 @@ def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progre
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="basic-llava demo", description=__doc__.splitlines()[0],
+    p = CommandParser("demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS['steps']})")
