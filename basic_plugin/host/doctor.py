@@ -148,7 +148,7 @@ def check_versions() -> list[Check]:
         if f.ok and f.found is None:  # an optional package that is absent
             checks.append(Check(f.package, INFO, None, f.note))
         else:
-            checks.append(Check(f.package, OK if f.ok else BAD, f.found, "ok" if f.ok else f.note))
+            checks.append(Check(f.package, OK if f.ok else BAD, f.found, f.note))  # ok: "ok", or which kind
     return checks
 
 
