@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from basic_plugin.lab.tiny import tiny_train_args
-from tests.helpers import REPO_ROOT, run_training, training_command, training_env
+from tests.helpers import REPO_ROOT, install_distribution, run_training, training_command, training_env
 
 HOST = "basic_plugin.train"
 EXAMPLES = REPO_ROOT / "examples"
@@ -18,11 +18,8 @@ EXAMPLES = REPO_ROOT / "examples"
 @pytest.fixture
 def example_plugin_env(tmp_path):
     """examples/projector_norm_plugin.py installed as a ``llava`` entry point, as its docstring says."""
-    site = tmp_path / "example-site"
-    info = site / "projector_norm_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: projector-norm-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\nprojector-norm = projector_norm_plugin\n")
+    site = install_distribution(tmp_path / "example-site", "projector-norm-plugin",
+                                entry_points={"projector-norm": "projector_norm_plugin"})
     return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(EXAMPLES), str(site)])}
 
 
@@ -81,11 +78,8 @@ def tiny_dinov2(tmp_path):
 @pytest.fixture
 def tower_plugin_env(tmp_path):
     """The lab's DINOv2 tower installed as a ``llava`` entry point, as a third-party tower plugin would be."""
-    site = tmp_path / "tower-site"
-    info = site / "dinov2_tower_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dinov2-tower-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\ndinov2 = basic_plugin.lab.towers.dinov2\n")
+    site = install_distribution(tmp_path / "tower-site", "dinov2-tower-plugin",
+                                entry_points={"dinov2": "basic_plugin.lab.towers.dinov2"})
     return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)]), "LLAVA_PLUGINS_TRACE": "1"}
 
 
@@ -193,9 +187,13 @@ def test_hook_llava_build_vision_tower_in_process(tiny_dinov2):
     assert pm.hook.llava_build_vision_tower(vision_tower_cfg=clip, kwargs={}) is None  # LLaVA's CLIP builder answers
 
 
-def test_hook_llava_train_classes_in_process():
-    """The host's own plugin answers a patched LLaVA's question with subclasses of LLaVA's classes."""
+def test_hook_llava_train_classes_in_process(monkeypatch):
+    """The host's own plugin answers a patched LLaVA's question with subclasses of LLaVA's classes (a command
+    line with a plugin flag: without one it keeps LLaVA's, test_patches.py)."""
     import dataclasses
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--output_dir", "o", "--basic", "True"])
 
     import llava.train.train as llava_train
 

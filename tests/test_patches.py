@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from basic_plugin.lab.tiny import VISION_HIDDEN, tiny_train_args
-from tests.helpers import REPO_ROOT, run_training, training_command, training_env
+from tests.helpers import REPO_ROOT, install_distribution, run_training, training_command, training_env
 
 PATCHES = REPO_ROOT / "patches"
 CODE_PATCH = PATCHES / "0001-plugin-hooks.patch"
@@ -166,11 +166,7 @@ TOWER_ENTRY_POINT = ("dinov2", "basic_plugin.lab.towers.dinov2")
 
 def install_tower_plugin(site: Path) -> Path:
     """The lab's DINOv2 tower as a third-party tower plugin: a ``llava`` entry point installed in ``site``."""
-    info = site / "dinov2_tower_plugin-0.1.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: dinov2-tower-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\n%s = %s\n" % TOWER_ENTRY_POINT)
-    return site
+    return install_distribution(site, "dinov2-tower-plugin", entry_points=dict([TOWER_ENTRY_POINT]))
 
 
 @pytest.fixture(scope="module")
@@ -464,10 +460,7 @@ def runs(tiny_llava, tiny_data_plain, tiny_data_v1, start_projector, patched_sit
                                extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
 
     # a newer transformers, as far as version checks can tell (the code is still 4.37.2's)
-    newer = root / "transformers-4.40.2"
-    info = newer / "transformers-4.40.2.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: transformers\nVersion: 4.40.2\n")
+    newer = install_distribution(root / "transformers-4.40.2", "transformers", "4.40.2")
 
     plan = {
         "vanilla": ("tests._vanilla_train", (), None),
@@ -683,10 +676,7 @@ def test_patched_llavas_own_entry_refuses_in_one_line(tiny_llava, tiny_data_plai
 
 def install_broken_plugin(site: Path) -> Path:
     """A ``llava`` entry point whose module fails to import (a plugin built for another stack, a half-installed one)."""
-    info = site / "broken_llava_plugin-0.1.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-llava-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\nbroken = broken_llava_plugin\n")
+    install_distribution(site, "broken-llava-plugin", entry_points={"broken": "broken_llava_plugin"})
     (site / "broken_llava_plugin.py").write_text("raise ImportError('broken_llava_plugin needs a package that is "
                                                  "not installed')\n")
     return site

@@ -333,6 +333,20 @@ def patched_llava(venv):
     return site
 
 
+def _train_in(venv: dict, module: str, out: Path, tiny_llava, data, **extra) -> dict:
+    """``python -m module`` in the environment ``venv``, from outside the repository: STEPS ``--basic True`` steps
+    of the tiny model (seeded before the model is built, so every route starts from the same projector)."""
+    args = tiny_train_args(tiny_llava, *data, out, stage="pretrain", max_steps=STEPS,
+                           extra=("--basic", "True", "--seed_model_init", "True"))
+    env = _child_env(venv["venv"], OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, **extra)
+    res = _run([venv["python"], "-m", module, *args], cwd=venv["cwd"], env=env, timeout=600)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, f"{module}: exit {res.returncode}\n{output[-8000:]}"
+    probe = json.loads(_ok(_run([venv["python"], "-c", PROBE], cwd=venv["cwd"], env=env)))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {"output": output, "history": history, "steps": [e for e in history if "loss" in e], "probe": probe}
+
+
 @pytest.fixture(scope="module")
 def trained(venv, patched_llava, tiny_llava, tiny_data_plain):
     """Both routes, 2 steps each with ``--basic True``, side by side (one thread each)."""
@@ -343,16 +357,7 @@ def trained(venv, patched_llava, tiny_llava, tiny_data_plain):
 
     def run(name):
         module, extra = plan[name]
-        out = venv["root"] / "runs" / name
-        args = tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=STEPS,
-                               extra=("--basic", "True"))
-        env = _child_env(venv["venv"], OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, **extra)
-        res = _run([venv["python"], "-m", module, *args], cwd=venv["cwd"], env=env, timeout=600)
-        output = res.stdout + res.stderr
-        assert res.returncode == 0, f"{name}: exit {res.returncode}\n{output[-8000:]}"
-        probe = json.loads(_ok(_run([venv["python"], "-c", PROBE], cwd=venv["cwd"], env=env)))
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return {"output": output, "history": history, "probe": probe}
+        return _train_in(venv, module, venv["root"] / "runs" / name, tiny_llava, tiny_data_plain, **extra)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(plan, pool.map(run, plan)))
@@ -450,18 +455,6 @@ def git_llava_venv(built, tmp_path_factory):
     pip = _ok(_run([python, "-m", "pip", "install", built["wheel"]], cwd=elsewhere, env=env, timeout=600))
     return {"root": root, "venv": venv, "python": python, "env": env, "cwd": elsewhere, "checkout": checkout,
             "git_env": git_env, "site": target, "pip": pip}
-
-
-def _train_in(venv: dict, module: str, out: Path, tiny_llava, data, **extra) -> dict:
-    args = tiny_train_args(tiny_llava, *data, out, stage="pretrain", max_steps=STEPS,
-                           extra=("--basic", "True", "--seed_model_init", "True"))  # the same projector in both
-    env = _child_env(venv["venv"], OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, **extra)
-    res = _run([venv["python"], "-m", module, *args], cwd=venv["cwd"], env=env, timeout=600)
-    output = res.stdout + res.stderr
-    assert res.returncode == 0, f"{module}: exit {res.returncode}\n{output[-8000:]}"
-    probe = json.loads(_ok(_run([venv["python"], "-c", PROBE], cwd=venv["cwd"], env=env)))
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    return {"output": output, "steps": [e for e in history if "loss" in e], "probe": probe}
 
 
 def test_next_to_a_llava_git_checkout_both_routes_train(git_llava_venv, tiny_llava, tiny_data_plain):

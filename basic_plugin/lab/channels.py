@@ -212,7 +212,7 @@ def image_report(model, tokenizer, processor, files, depth: int, dropped: Sequen
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser("channels", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--llm", required=True, help="the LLM folder (a Hugging Face Llama/Mistral checkpoint)")
     p.add_argument("--depth", type=int, default=None, help="target depth k (default: half the LLM's layers)")
     p.add_argument("--drop", default="auto", help="what --basic_drop_channels would get: auto (default) or N")

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from basic_plugin.lab.sweep import add_workspace_options
 
     p = CommandParser("length", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_workspace_options(p)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
                    help="comma-separated training lengths in steps, each a multiple of --save-every "

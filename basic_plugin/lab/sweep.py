@@ -277,7 +277,7 @@ def step_curves(log_history: Sequence[dict], key: str):
 # -- the command --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser("sweep", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_workspace_options(p)
     p.add_argument("--configs", default=",".join(GRID),
                    help=f"comma-separated configurations (default {','.join(GRID)}; all: {','.join(CONFIGS)})")

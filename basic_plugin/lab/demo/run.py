@@ -207,7 +207,7 @@ def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progre
 
 def build_parser() -> argparse.ArgumentParser:
     p = CommandParser("demo", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--batch", type=int, default=None, help=f"per-step batch (default {DEFAULTS['batch']})")
