@@ -420,6 +420,8 @@ def test_the_wheel_builds_without_the_training_stack(built, tmp_path_factory):
 # ----------------------------------------------------------------------------- next to a LLaVA git checkout
 LLAVA_DIR = os.environ.get("LLAVA_DIR")
 LLAVA_COMMIT = "c121f04"
+#: the parts of the checkout the route uses: the package, its scripts, and what ``pip install -e`` reads
+LLAVA_FILES = ("llava", "scripts", "pyproject.toml", "README.md", "LICENSE")
 SCRIPTS_PATCH = REPO_ROOT / "patches" / "0002-scripts-basic-flag.patch"
 
 
@@ -432,7 +434,9 @@ def git_llava_venv(built, tmp_path_factory):
     root = tmp_path_factory.mktemp("git_llava")
     checkout = root / "LLaVA"
     checkout.mkdir()
-    archive = subprocess.run(["git", "-C", LLAVA_DIR, "archive", LLAVA_COMMIT], capture_output=True)
+    # what installing LLaVA and applying the patches reads (works for a checkout and for a mirror without the
+    # large files of its images/)
+    archive = subprocess.run(["git", "-C", LLAVA_DIR, "archive", LLAVA_COMMIT, *LLAVA_FILES], capture_output=True)
     assert archive.returncode == 0, archive.stderr.decode()
     subprocess.run(["tar", "x"], input=archive.stdout, cwd=checkout, check=True)
     git_env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(root), GIT_AUTHOR_NAME="x", GIT_AUTHOR_EMAIL="x@x",
