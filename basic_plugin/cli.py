@@ -34,11 +34,20 @@ def doctor(args) -> int:
 
 def train(args) -> int:
     """Run LLaVA's ``train()`` with the plugin host; the remaining arguments are LLaVA's."""
+    if {"-h", "--help"} & set(args.rest):  # the help alone: no version check, nothing initialised
+        from basic_plugin.host.usage import training_parser
+
+        training_parser("train", TRAIN_HELP).print_help()
+        return 0
     from basic_plugin.host.train import main
 
-    sys.argv = [sys.argv[0], *args.rest]
+    sys.argv = ["basic-llava train", *args.rest]
     main()
     return 0
+
+
+TRAIN_HELP = ("LLaVA's train() with the plugin host: LLaVA's flags (llava/train/train.py), the host's and every "
+              "installed plugin's (--basic True for BASIC). The same as python -m basic_plugin.train.")
 
 
 #: subcommands that hand their own arguments to ``<module>.main(argv)``
@@ -55,26 +64,48 @@ JOBS = {
 }
 
 
+#: optional packages a subcommand will need, checked before it starts (the wheel requires none of them)
+NEEDS = {name: ("matplotlib",) for name in ("demo", "lens", "channels", "length", "sweep")}
+
+
 def job(args) -> int:
+    """Run a subcommand's ``main``; a refusal, a missing optional package or path, is one ``error:`` line (status 2)."""
     import importlib
 
-    module = importlib.import_module(JOBS[args.command][0])
-    result = module.main(args.rest)
+    from basic_plugin.host.refusal import refusals_exit
+    from basic_plugin.host.usage import missing_dependency, require_packages
+
+    with refusals_exit():
+        if not {"-h", "--help"} & set(args.rest):
+            require_packages(args.command, NEEDS.get(args.command, ()))
+        try:
+            module = importlib.import_module(JOBS[args.command][0])
+            result = module.main(args.rest)
+        except ModuleNotFoundError as error:
+            refusal = missing_dependency(args.command, error)
+            if refusal is None:
+                raise
+            raise refusal from None
     return int(result or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="basic-llava", description=__doc__)
+    from basic_plugin import __version__
+    from basic_plugin.host.usage import CommandParser, summary
+
+    parser = CommandParser(description=summary(__doc__))
+    parser.add_argument("--version", action="version", version=f"basic-llava {__version__}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("doctor", help="check the installed LLaVA training stack, GPU and plugins")
     p.add_argument("--json", action="store_true", help="one JSON object: every check and the problem count")
     p.set_defaults(func=doctor)
     p = sub.add_parser("train", help="LLaVA's train() with plugins (same flags as llava/train/train.py)")
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="LLaVA's training flags")
     p.set_defaults(func=train)
     for name, (_, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.add_argument("rest", nargs=argparse.REMAINDER, help=f"the options of basic-llava {name} (its --help)")
         p.set_defaults(func=job)
     return parser
 

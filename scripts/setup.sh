@@ -18,7 +18,7 @@ $pip install -q "torch==$(grep '^torch==' constraints.txt | cut -d= -f3)"
 # llava-torch's own pins (torch 2.0.1, transformers 4.36.2, ...) are wrong for training: no deps.
 $pip install -q --no-deps "llava-torch==$(grep '^llava-torch==' constraints.txt | cut -d= -f3)"
 $pip install -q -c constraints.txt transformers tokenizers accelerate deepspeed peft pluggy \
-  sentencepiece protobuf safetensors huggingface_hub numpy pillow einops matplotlib tqdm pytest \
+  sentencepiece protobuf safetensors huggingface_hub numpy pillow einops matplotlib tqdm shortuuid pytest \
   gguf onnx ml_dtypes onnxruntime flatbuffers build pyproject_hooks packaging
 $pip install -q --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"

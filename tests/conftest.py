@@ -58,9 +58,7 @@ def tiny_data_v1(tmp_path_factory):
 def toy_plugin_env(tmp_path):
     """Env for a training subprocess in which tests/toy_llava_plugin.py is an installed
     distribution with a ``llava`` entry point (``toy``), as a third-party plugin would be."""
-    site = tmp_path / "toy-site"
-    info = site / "toy_llava_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-llava-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\ntoy = tests.toy_llava_plugin\n")
+    from tests.helpers import install_distribution
+
+    site = install_distribution(tmp_path / "toy-site", "toy-llava-plugin", entry_points={"toy": "tests.toy_llava_plugin"})
     return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)])}

@@ -42,6 +42,19 @@ def run_training(module: str, args: Iterable[str], *, output_dir, deepspeed_rank
         raise AssertionError(str(failure)) from None
 
 
+def install_distribution(site, name: str, version: str = "0.1", entry_points: Optional[Mapping[str, str]] = None,
+                         group: str = "llava") -> Path:
+    """Make ``site`` (a folder for ``sys.path`` / ``PYTHONPATH``) hold an installed distribution ``name``: its
+    dist-info, with ``entry_points`` (name -> module) in ``group``, as pip would leave it. Returns ``site``."""
+    site = Path(site)
+    info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    if entry_points:
+        (info / "entry_points.txt").write_text(f"[{group}]\n" + "".join(f"{k} = {v}\n" for k, v in entry_points.items()))
+    return site
+
+
 def all_finite(values: Iterable[float]) -> bool:
     """True when every value is a finite float (and there is at least one)."""
     values = list(values)

@@ -175,11 +175,11 @@ def test_dinov2_folder_has_an_imagenet_clip_processor(assets):
 
 @pytest.fixture
 def dinov2_host():
-    """The dinov2 plugin registered (as its entry point will be) and LLaVA's seams installed."""
+    """The dinov2 plugin registered (as the lab registers it) and LLaVA's seams installed."""
     import basic_plugin.lab.towers.dinov2 as module
     from basic_plugin.host import integration, plugins
 
-    plugins.load_plugins()  # the installed entry points first (dinov2 among them once registered)
+    plugins.load_plugins()  # the installed entry points first
     registered_here = False
     if plugins.pm.get_plugin("dinov2") is None and not plugins.pm.is_registered(module):
         plugins.pm.register(module, name="dinov2")

@@ -271,3 +271,30 @@ def test_every_listed_subcommand_exists_and_takes_options_directly_or_after_a_do
         assert direct.returncode == 0 and dashed.returncode == 0, (command, direct.stderr[-500:], dashed.stderr[-500:])
         text = ["\n".join(ln for ln in r.stdout.splitlines() if "[WARNING]" not in ln) for r in (direct, dashed)]
         assert "usage" in text[0].lower() and text[0] == text[1], command
+
+
+# -- pluggy missing, a plugin that does not import ---------------------------------------------
+
+def test_doctor_runs_without_pluggy():
+    """pluggy is one of doctor's checks: without it doctor still prints every check (no traceback) and says so."""
+    import subprocess
+
+    from tests.helpers import REPO_ROOT, training_env
+
+    probe = ("import sys; sys.modules['pluggy'] = None  # `import pluggy` fails, find_spec finds nothing\n"
+             "from basic_plugin.cli import main; sys.exit(main(['doctor']))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, env=training_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("  [")]
+    assert any("[BAD ] plugins" in ln and "pluggy is not installed" in ln and "pip install" in ln for ln in rows), rows
+    assert any(" torch " in ln for ln in rows) and any(" transformers " in ln for ln in rows)
+
+
+def test_a_plugin_that_does_not_import_is_a_problem(monkeypatch, fixed_plugins):
+    fixed_plugins["broken"] = EntryPoint("broken", "no_such_module_for_doctor", plugins.ENTRY_POINT_GROUP)
+    check = doctor.check_plugin_imports()
+    assert check.status == doctor.BAD and check.found == "1 of 4 fail"
+    assert "broken (no_such_module_for_doctor): ModuleNotFoundError" in check.note
+    monkeypatch.setenv(plugins.BLOCK_ENV, "broken")  # kept out: not loaded, not a problem
+    assert doctor.check_plugin_imports().status == doctor.OK

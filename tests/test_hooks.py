@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from basic_plugin.lab.tiny import tiny_train_args
-from tests.helpers import REPO_ROOT, run_training, training_command, training_env
+from tests.helpers import REPO_ROOT, install_distribution, run_training, training_command, training_env
 
 HOST = "basic_plugin.train"
 EXAMPLES = REPO_ROOT / "examples"
@@ -18,11 +18,8 @@ EXAMPLES = REPO_ROOT / "examples"
 @pytest.fixture
 def example_plugin_env(tmp_path):
     """examples/projector_norm_plugin.py installed as a ``llava`` entry point, as its docstring says."""
-    site = tmp_path / "example-site"
-    info = site / "projector_norm_plugin-0.1.dist-info"
-    info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: projector-norm-plugin\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[llava]\nprojector-norm = projector_norm_plugin\n")
+    site = install_distribution(tmp_path / "example-site", "projector-norm-plugin",
+                                entry_points={"projector-norm": "projector_norm_plugin"})
     return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(EXAMPLES), str(site)])}
 
 
@@ -78,12 +75,20 @@ def tiny_dinov2(tmp_path):
     return folder
 
 
-def test_hook_llava_build_vision_tower(tiny_llava, tiny_data_plain, tmp_path, tiny_dinov2):
-    """A plugin tower (the lab's DINOv2) built through the hook inside LLaVA's train()."""
+@pytest.fixture
+def tower_plugin_env(tmp_path):
+    """The lab's DINOv2 tower installed as a ``llava`` entry point, as a third-party tower plugin would be."""
+    site = install_distribution(tmp_path / "tower-site", "dinov2-tower-plugin",
+                                entry_points={"dinov2": "basic_plugin.lab.towers.dinov2"})
+    return {"PYTHONPATH": os.pathsep.join([str(REPO_ROOT), str(site)]), "LLAVA_PLUGINS_TRACE": "1"}
+
+
+def test_hook_llava_build_vision_tower(tiny_llava, tiny_data_plain, tmp_path, tiny_dinov2, tower_plugin_env):
+    """A plugin tower (the lab's DINOv2, installed as an entry point) built through the hook inside LLaVA's train()."""
     out = tmp_path / "run"
     args = tiny_train_args(tiny_llava, *tiny_data_plain, out, max_steps=1, extra=["--basic", "True"])
     args[args.index("--vision_tower") + 1] = str(tiny_dinov2)
-    run = run_training(HOST, args, output_dir=out, env={"LLAVA_PLUGINS_TRACE": "1"})
+    run = run_training(HOST, args, output_dir=out, env=tower_plugin_env)
     assert "[llava-plugins] llava_build_vision_tower returned DinoV2VisionTower(" in run["output"]
     config = json.loads((out / "config.json").read_text())
     assert config["mm_hidden_size"] == 32  # the DINOv2 width, not CLIP's
@@ -170,10 +175,10 @@ def test_hook_llava_objective_in_process(example_plugin, tmp_path):
 def test_hook_llava_build_vision_tower_in_process(tiny_dinov2):
     import types
 
-    from basic_plugin.host.plugins import load_plugins
+    from basic_plugin.lab.towers import register_lab_plugins
     from basic_plugin.lab.towers.dinov2 import DinoV2VisionTower
 
-    pm = load_plugins()
+    pm = register_lab_plugins()  # the lab registers its tower with the host's manager in its own processes
     tower = pm.hook.llava_build_vision_tower(vision_tower_cfg=types.SimpleNamespace(mm_vision_tower=str(tiny_dinov2)),
                                              kwargs={"delay_load": True})
     assert isinstance(tower, DinoV2VisionTower) and not tower.is_loaded
@@ -182,9 +187,13 @@ def test_hook_llava_build_vision_tower_in_process(tiny_dinov2):
     assert pm.hook.llava_build_vision_tower(vision_tower_cfg=clip, kwargs={}) is None  # LLaVA's CLIP builder answers
 
 
-def test_hook_llava_train_classes_in_process():
-    """The host's own plugin answers a patched LLaVA's question with subclasses of LLaVA's classes."""
+def test_hook_llava_train_classes_in_process(monkeypatch):
+    """The host's own plugin answers a patched LLaVA's question with subclasses of LLaVA's classes (a command
+    line with a plugin flag: without one it keeps LLaVA's, test_patches.py)."""
     import dataclasses
+    import sys
+
+    monkeypatch.setattr(sys, "argv", [sys.argv[0], "--output_dir", "o", "--basic", "True"])
 
     import llava.train.train as llava_train
 

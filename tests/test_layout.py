@@ -203,3 +203,13 @@ def test_the_checker_sees_a_circle_through_a_function_level_import(tmp_path):
     (package / "c.py").write_text("import pkg.a\n\ndef h():\n    return 1\n")
     (package / "d.py").write_text("import pkg.a\n")
     assert import_circles(import_graph(package)) == [["pkg.a", "pkg.b", "pkg.c"]]
+
+
+def test_the_installed_entry_points_hold_no_lab_code():
+    """A LLaVA that loads the ``llava`` entry points (every ``load_pretrained_model`` on a patched LLaVA) gets the
+    host and BASIC, never the lab: its plugins (the DINOv2 tower) register only where the lab runs."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    llava = project["entry-points"]["llava"]
+    assert llava == {"basic": "basic_plugin.basic.plugin", "basic-llava": "basic_plugin.host.native"}

@@ -40,7 +40,7 @@ from pathlib import Path
 import pytest
 
 from basic_plugin.lab.tiny import VISION_HIDDEN, tiny_train_args
-from tests.helpers import REPO_ROOT, run_training, training_command, training_env
+from tests.helpers import REPO_ROOT, install_distribution, run_training, training_command, training_env
 
 PATCHES = REPO_ROOT / "patches"
 CODE_PATCH = PATCHES / "0001-plugin-hooks.patch"
@@ -161,12 +161,28 @@ def _run(cmd, cwd, env=None):
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
 
 
+TOWER_ENTRY_POINT = ("dinov2", "basic_plugin.lab.towers.dinov2")
+
+
+def install_tower_plugin(site: Path) -> Path:
+    """The lab's DINOv2 tower as a third-party tower plugin: a ``llava`` entry point installed in ``site``."""
+    return install_distribution(site, "dinov2-tower-plugin", entry_points=dict([TOWER_ENTRY_POINT]))
+
+
+@pytest.fixture(scope="module")
+def tower_site(tmp_path_factory):
+    """A folder on which the tower plugin is installed (for the managers of this process: ``sys.path``)."""
+    return install_tower_plugin(tmp_path_factory.mktemp("tower_site"))
+
+
 @pytest.fixture(scope="module")
 def patched_site(tmp_path_factory):
-    """A folder holding a patched copy of the installed ``llava`` package (site-packages layout)."""
+    """A folder holding a patched copy of the installed ``llava`` package (site-packages layout), with a tower
+    plugin installed next to it."""
     import llava
 
     site = tmp_path_factory.mktemp("patched_site")
+    install_tower_plugin(site)
     shutil.copytree(Path(llava.__file__).parent, site / "llava",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     env = _git_env(site)
@@ -342,10 +358,12 @@ ENVIRONMENTS = [
 
 
 @pytest.mark.parametrize("variables", ENVIRONMENTS, ids=lambda v: ";".join(f"{k}={v[k]}" for k in v) or "unset")
-def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site, host_plugins, monkeypatch,
-                                                                    variables):
+def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site, tower_site, host_plugins,
+                                                                    monkeypatch, variables):
     """``LLAVA_PLUGINS`` / ``LLAVA_PLUGINS_BLOCK``: same loaded, blocked and unknown names in both managers."""
     import warnings
+
+    monkeypatch.syspath_prepend(str(tower_site))
 
     for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
         monkeypatch.delenv(var, raising=False)
@@ -382,9 +400,11 @@ def test_patched_manager_honours_the_plugin_variables_like_the_host(patched_site
         assert name in ours[0] and name in theirs[0]
 
 
-def test_patched_manager_traces_like_the_host(patched_site, host_plugins, monkeypatch, capsys):
+def test_patched_manager_traces_like_the_host(patched_site, tower_site, host_plugins, monkeypatch, capsys):
     """``LLAVA_PLUGINS_TRACE=1``: every hook call and its result on stderr, in the host's format."""
     import types
+
+    monkeypatch.syspath_prepend(str(tower_site))
 
     monkeypatch.delenv("LLAVA_PLUGINS", raising=False)
     monkeypatch.delenv("LLAVA_PLUGINS_BLOCK", raising=False)
@@ -427,7 +447,7 @@ def start_projector(tiny_llava, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_factory):
+def runs(tiny_llava, tiny_data_plain, tiny_data_v1, start_projector, patched_site, tmp_path_factory):
     """All training runs of this file, once (about 6 s each on 2 cores)."""
     root = tmp_path_factory.mktemp("patch_runs")
     nopluggy = root / "nopluggy" / "pluggy"
@@ -439,8 +459,16 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
         return tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=STEPS,
                                extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
 
+    # a newer transformers, as far as version checks can tell (the code is still 4.37.2's)
+    newer = install_distribution(root / "transformers-4.40.2", "transformers", "4.40.2")
+
     plan = {
         "vanilla": ("tests._vanilla_train", (), None),
+        # LLaVA's own entry, unpatched and patched, basic-llava installed, no plugin flag, "transformers 4.40.2"
+        # (instruction tuning: the stage that writes the model and training_args.bin)
+        "unpatched_newer": ("llava.train.train", (), {"PYTHONPATH": f"{newer}{os.pathsep}{REPO_ROOT}"}),
+        "patched_off_newer": ("llava.train.train", (), {"PYTHONPATH": f"{newer}{os.pathsep}{patched}",
+                                                         "LLAVA_PLUGINS_TRACE": "1"}),
         "runtime": ("basic_plugin.train", ("--basic", "True"), None),
         "patched": ("llava.train.train", ("--basic", "True"), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
         "patched_off": ("llava.train.train", (), {"PYTHONPATH": patched, "LLAVA_PLUGINS_TRACE": "1"}),
@@ -451,14 +479,22 @@ def runs(tiny_llava, tiny_data_plain, start_projector, patched_site, tmp_path_fa
                                                          "LLAVA_PLUGINS_TRACE": "1"}),
     }
 
+    def finetune_args(out, *extra):
+        return tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=STEPS,
+                               extra=("--pretrain_mm_mlp_adapter", start_projector, *extra))
+
     def run(name):
         module, extra, env = plan[name]
         out = root / name
+        make = finetune_args if name.endswith("_newer") else args
         # one thread each, two runs at a time: same arithmetic in every run, half the wall time
-        return run_training(module, args(out, *extra), output_dir=out, env={**(env or {}), "OMP_NUM_THREADS": "1"})
+        return run_training(module, make(out, *extra), output_dir=out, env={**(env or {}), "OMP_NUM_THREADS": "1"})
 
     with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(plan, pool.map(run, plan)))
+        results = dict(zip(plan, pool.map(run, plan)))
+    results["newer_transformers"] = newer
+    results["finetune_args"] = finetune_args
+    return results
 
 
 def _steps(run):
@@ -521,6 +557,87 @@ def test_patched_llava_without_basic_is_vanilla(runs, name):
     assert [l[:len(e)] for l, e in zip(trace, expected)] == expected and len(trace) == len(expected), trace
 
 
+def _saved_class(path: Path) -> str:
+    """The class a pickled ``training_args.bin`` names (read from the pickle, nothing imported)."""
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        data = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    strings, globals_ = [], []
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+            strings.append(arg)
+        elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+            globals_.append(f"{strings[-2]}.{strings[-1]}")
+        elif op.name == "GLOBAL":
+            globals_.append(arg.replace(" ", "."))
+    return next(g for g in globals_ if g.endswith("TrainingArguments"))
+
+
+def test_patched_llava_without_a_plugin_flag_is_llavas_own_train(runs):
+    """Off means off: with basic-llava installed and no plugin flag, the patched LLaVA's own entry does what the
+    unpatched one does, on a transformers the host's version policy refuses (4.40.2 as far as checks can tell):
+    it trains, with the same losses and log keys, writes the same files and pickles LLaVA's own class."""
+    unpatched, patched = runs["unpatched_newer"], runs["patched_off_newer"]
+    assert unpatched["losses"] == patched["losses"] and len(unpatched["losses"]) == STEPS
+    assert [set(e) for e in _steps(unpatched)] == [set(e) for e in _steps(patched)]
+    assert not any(k.startswith(("basic_", "lm_loss", "plugin_")) for e in _steps(patched) for k in e)
+    files = {name: sorted(p.name for p in Path(run["output_dir"]).iterdir()) for name, run in
+             (("unpatched", unpatched), ("patched", patched))}
+    assert files["unpatched"] == files["patched"] and "preflight" not in files["patched"], files
+    saved = [_saved_class(Path(run["output_dir"]) / "training_args.bin") for run in (unpatched, patched)]
+    # LLaVA's own class (its module is __main__ under `python -m llava.train.train`), not the host's or transformers'
+    assert saved == ["__main__.TrainingArguments"] * 2, saved
+    # the patched LLaVA asked, and the host kept LLaVA's classes
+    trace = [l for l in patched["output"].splitlines() if l.startswith("[llava-plugins] llava_train_classes")]
+    assert trace == ["[llava-plugins] llava_train_classes -> ['basic-llava']",
+                     "[llava-plugins] llava_train_classes returned {}"], trace
+    assert "error:" not in patched["output"]
+
+
+def test_patched_llava_with_a_plugin_flag_keeps_the_version_policy(runs, patched_site, tmp_path):
+    """The same "transformers 4.40.2" with --basic True: the host's policy refuses it (one line, status 2)."""
+    out = tmp_path / "on"
+    env = training_env({"PYTHONPATH": f"{runs['newer_transformers']}{os.pathsep}{patched_site}{os.pathsep}{REPO_ROOT}"})
+    res = subprocess.run(training_command("llava.train.train", runs["finetune_args"](out, "--basic", "True")), cwd=REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
+    assert res.returncode == 2 and len(errors) == 1, res.stderr[-3000:]
+    assert errors[0].startswith("error: transformers 4.40.2: unsupported") and not out.exists()
+
+
+def test_native_host_runs_its_checks_only_when_a_plugin_is_on(monkeypatch, host_plugins):
+    """The answer to a patched LLaVA: no flag -> {} and nothing run; a host flag -> the host's classes (to parse
+    it), no version policy or CPU workaround; a plugin on, or BASIC_LLAVA_HOST=1 -> all of it."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.host import compat, cpu, native, versions
+
+    calls = []
+    monkeypatch.setattr(versions, "require_supported_versions", lambda: calls.append("versions"))
+    monkeypatch.setattr(cpu, "apply_cpu_workarounds", lambda: calls.append("cpu"))
+    monkeypatch.setattr(compat, "allow_checkpoint_rng_states", lambda: calls.append("rng"))
+    monkeypatch.delenv(native.HOST_ENV, raising=False)
+    from basic_plugin.host.integration import _originals
+
+    classes = {name: _originals.get(("llava.train.train", name), getattr(llava_train, name))
+               for name in native.HOSTED_CLASSES if hasattr(llava_train, name)}
+    base = ["--output_dir", "o", "--seed", "3", "--model_max_length", "64"]
+    assert native.native_train_classes(dict(classes), argv=base) == {} and calls == []
+    for flags in (["--basic", "False"], ["--basic=no"], ["--data_preflight", "full"], ["--no_basic_pretrain"]):
+        replaced = native.native_train_classes(dict(classes), argv=base + flags)
+        assert set(replaced) == set(classes) and calls == [], (flags, calls)
+    for flags in (["--basic", "True"], ["--basic"], ["--basic=1", "--basic_depth", "2"]):
+        calls.clear()
+        replaced = native.native_train_classes(dict(classes), argv=base + flags)
+        assert set(replaced) == set(classes) and calls == ["versions", "cpu", "rng"], (flags, calls)
+    calls.clear()
+    monkeypatch.setenv(native.HOST_ENV, "1")
+    assert set(native.native_train_classes(dict(classes), argv=base)) == set(classes)
+    assert calls == ["versions", "cpu", "rng"]
+
+
 @pytest.mark.parametrize("variables", [{"LLAVA_PLUGINS_BLOCK": f"{HOST_ENTRY_POINT[0]},basic"},
                                        {"LLAVA_PLUGINS": "dinov2", "LLAVA_PLUGINS_TRACE": "1"}],
                          ids=["block", "allow"])
@@ -555,3 +672,70 @@ def test_patched_llavas_own_entry_refuses_in_one_line(tiny_llava, tiny_data_plai
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
     assert len(errors) == 1 and errors[0].startswith("error: --basic_depth 999 is out of range")
     assert not out.exists()
+
+
+def install_broken_plugin(site: Path) -> Path:
+    """A ``llava`` entry point whose module fails to import (a plugin built for another stack, a half-installed one)."""
+    install_distribution(site, "broken-llava-plugin", entry_points={"broken": "broken_llava_plugin"})
+    (site / "broken_llava_plugin.py").write_text("raise ImportError('broken_llava_plugin needs a package that is "
+                                                 "not installed')\n")
+    return site
+
+
+def test_a_plugin_that_fails_to_import_is_left_out_by_the_patched_llava(patched_site, tiny_llava, tmp_path):
+    """LLaVA's own builder (what load_pretrained_model calls) with a broken plugin installed: one warning naming
+    it, the other plugins load, LLaVA builds its CLIP tower."""
+    broken = install_broken_plugin(tmp_path / "broken-site")
+    script = textwrap.dedent("""
+        import types, warnings
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            from llava import plugins
+            from llava.model.multimodal_encoder.builder import build_vision_tower
+            tower = build_vision_tower(types.SimpleNamespace(mm_vision_tower=%r, mm_vision_select_layer=-2),
+                                       delay_load=True)
+        print("tower", type(tower).__name__)
+        print("loaded", sorted(n for n, p in plugins.get_plugin_manager().list_name_plugin() if p is not None))
+        for w in caught:
+            if "plugin" in str(w.message):
+                print("warning", w.message)
+    """ % str(tiny_llava["vision"]))
+    env = training_env({"PYTHONPATH": os.pathsep.join([str(broken), str(patched_site), str(REPO_ROOT)])})
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.splitlines()
+    assert "tower CLIPVisionTower" in lines
+    assert "loaded ['basic', 'basic-llava', 'dinov2']" in lines
+    from basic_plugin.host.plugins import load_failure_message
+
+    expected = load_failure_message("broken", "broken_llava_plugin",
+                                    ImportError("broken_llava_plugin needs a package that is not installed"))
+    assert [l for l in lines if l.startswith("warning")] == [f"warning {expected}"]
+
+
+def test_a_plugin_that_fails_to_import_is_left_out_by_the_host(tmp_path, host_plugins, monkeypatch, patched_site):
+    """The host's manager does what the patched LLaVA's does: the same one warning, the rest loads; the run's
+    unknown-flag message names it."""
+    import warnings
+
+    from basic_plugin.host.train import explain_unknown_flags
+
+    monkeypatch.syspath_prepend(str(install_broken_plugin(tmp_path / "broken-site")))
+    for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
+        monkeypatch.delenv(var, raising=False)
+    patched = _load(patched_site / "llava" / "plugins.py", "llava_plugins_broken_under_test")
+    with warnings.catch_warnings(record=True) as theirs:
+        warnings.simplefilter("always")
+        patched.get_plugin_manager()
+    with warnings.catch_warnings(record=True) as ours:
+        warnings.simplefilter("always")
+        pm = host_plugins.load_plugins()
+    ours = [w for w in ours if "failed to load" in str(w.message)]
+    theirs = [w for w in theirs if "failed to load" in str(w.message)]
+    assert len(ours) == len(theirs) == 1 and str(ours[0].message) == str(theirs[0].message)
+    assert ours[0].category is host_plugins.PluginLoadWarning and "'broken'" in str(ours[0].message)
+    assert pm.get_plugin("basic") is not None and pm.get_plugin("broken") is None
+    assert host_plugins.failed_plugins() == ["broken"]
+    message = explain_unknown_flags(ValueError("Some specified arguments are not used: ['--broken_flag', '1']"))
+    assert "failed to load" in message and "broken" in message

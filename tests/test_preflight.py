@@ -177,3 +177,85 @@ def test_preflight_command_checks_a_dataset_without_loading_a_model(tiny_llava, 
     good = command(*tiny_data_plain, tmp_path / "b")
     assert good.returncode == 0 and "pre-flight passed" in good.stdout, good.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["preflight"]
+
+
+# ---------------------------------------------------------------- records whose supervised tokens all vanish
+def _preflight_args(tiny_llava, data_json, folder, tmp_path, *, version="v1", model_max_length=512):
+    from types import SimpleNamespace
+
+    model_args = SimpleNamespace(model_name_or_path=str(tiny_llava["lm"]), vision_tower=str(tiny_llava["vision"]),
+                                 version=version, mm_use_im_start_end=False, mm_vision_select_feature="patch")
+    data_args = SimpleNamespace(data_path=str(data_json), image_folder=str(folder), is_multimodal=False)
+    training_args = SimpleNamespace(model_max_length=model_max_length, output_dir=str(tmp_path / "o"),
+                                    dataloader_num_workers=0)
+    return model_args, data_args, training_args
+
+
+@pytest.fixture
+def mismatched_data(tiny_data_v1, tmp_path):
+    """The v1 records, one of whose answers holds the template's separator ``</s>``: LLaVA's preprocess_v1 then
+    counts its rounds wrong, prints ``WARNING: tokenization mismatch`` and masks every label of that record."""
+    json_path, folder = tiny_data_v1
+    records = json.loads(Path(json_path).read_text())
+    index = next(i for i, r in enumerate(records) if "image" in r and i > 0)
+    records[index]["conversations"][1]["value"] += " </s> and more"
+    path = tmp_path / "mismatch.json"
+    path.write_text(json.dumps(records))
+    return {"json": path, "folder": folder, "index": index, "records": records}
+
+
+def test_a_record_with_a_tokenization_mismatch_is_unusable_with_its_cause(tiny_llava, mismatched_data, tmp_path):
+    from basic_plugin.host.preflight import preflight
+
+    report = preflight(*_preflight_args(tiny_llava, mismatched_data["json"], mismatched_data["folder"], tmp_path),
+                       "fast", progress=False)
+    assert report.bad == {mismatched_data["index"]} and report.counts == {"no_supervised_tokens": 1}
+    (detail,) = report.first["no_supervised_tokens"]
+    assert detail.startswith(f"record {mismatched_data['index']} ")
+    assert "tokenization mismatch" in detail and "--version v1" in detail and "'</s>'" in detail
+
+
+def test_a_template_that_mismatches_every_record_is_refused_with_the_version_to_use(tiny_llava, tiny_data_v1,
+                                                                                     tmp_path):
+    from basic_plugin.host.preflight import PreflightFailed, preflight
+
+    with pytest.raises(PreflightFailed) as refused:  # LLaVA's mpt template on a Llama tokenizer
+        preflight(*_preflight_args(tiny_llava, *tiny_data_v1, tmp_path, version="mpt"), "fast", progress=False)
+    message = str(refused.value)
+    assert message.startswith("--version mpt: LLaVA's preprocess finds a tokenization mismatch in every checked "
+                              "record (16)") and "allowed: the template the LLM was trained with (v1" in message
+    assert refused.value.report.counts == {"no_supervised_tokens": 16}
+
+
+def test_a_text_record_whose_turns_are_cut_before_the_answer_is_found(tiny_llava, tiny_data_v1, tmp_path):
+    """LLaVA's preprocess cuts a text-only record at --model_max_length before it masks the turns: a long
+    question leaves no answer token. The pre-flight counts it with the length that keeps it."""
+    from basic_plugin.host.preflight import preflight
+
+    json_path, folder = tiny_data_v1
+    records = json.loads(Path(json_path).read_text())
+    index = next(i for i, r in enumerate(records) if "image" not in r)
+    records[index]["conversations"][0]["value"] = "please " * 300 + records[index]["conversations"][0]["value"]
+    path = tmp_path / "long.json"
+    path.write_text(json.dumps(records))
+    report = preflight(*_preflight_args(tiny_llava, path, folder, tmp_path, model_max_length=128), "fast",
+                       progress=False)
+    assert report.counts == {"fully_truncated": 1} and not report.bad  # a no-op record, counted, not dropped
+    (detail,) = report.first["fully_truncated"]
+    assert detail.startswith(f"record {index} ") and ">= --model_max_length 128" in detail
+    keeps = int(detail.split("(--model_max_length >= ")[1].split()[0])
+    assert keeps > 300  # the 300 words come before the answer
+    again = preflight(*_preflight_args(tiny_llava, path, folder, tmp_path, model_max_length=keeps), "fast",
+                      progress=False)
+    assert again.counts == {}
+
+
+def test_a_mismatched_record_stops_the_run_before_the_model_loads(tiny_llava, mismatched_data, tmp_path):
+    out = tmp_path / "run"
+    code, output = run_refused(tiny_train_args(tiny_llava, mismatched_data["json"], mismatched_data["folder"], out,
+                                               stage="finetune", extra=["--basic", "True"]), out)
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(error) == 1, output[-3000:]
+    assert "1 of 16 records are unusable (no_supervised_tokens 1; first: record " in error[0]
+    assert "tokenization mismatch" in error[0] and "--skip_bad_records True" in error[0]
+    assert sorted(p.name for p in out.iterdir()) == ["preflight"]

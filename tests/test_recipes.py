@@ -177,7 +177,7 @@ def test_deepspeed_configs():
     assert off["bf16"]["enabled"] == "auto"
 
 
-def test_eval_runs_llavas_unchanged_scripts(tmp_path):
+def test_eval_runs_llavas_scripts_in_the_workspace(tmp_path):
     llava_dir = tmp_path / "LLaVA"
     steps = dry("--size", "7b", "--stage", "eval", "--llava-dir", str(llava_dir), "--output-root",
                 str(tmp_path / "ckpt"), "--benchmarks", "gqa,sqa,vqav2", "--num-gpus", "4")
@@ -185,8 +185,8 @@ def test_eval_runs_llavas_unchanged_scripts(tmp_path):
     workdir = tmp_path / "ckpt" / "eval" / "llava-v1.5-7b-basic"
     assert ws["name"] == "workspace" and "--make-eval-workspace" in ws["argv"]
     assert ws["argv"][ws["argv"].index("--eval-checkpoint") + 1] == str(tmp_path / "ckpt" / "llava-v1.5-7b-basic")
-    assert [b["argv"] for b in benches] == [
-        ["bash", str(llava_dir / "scripts" / "v1_5" / "eval" / f"{n}.sh")] for n in ("gqa", "sqa", "vqav2")]
+    # the workspace's copies of LLaVA's scripts (naming the checkpoint), run in the workspace
+    assert [b["argv"] for b in benches] == [["bash", f"scripts/v1_5/eval/{n}.sh"] for n in ("gqa", "sqa", "vqav2")]
     assert all(b["cwd"] == str(workdir) for b in benches)
     gpus = [b["env"]["CUDA_VISIBLE_DEVICES"] for b in benches]
     assert gpus == ["0,1,2,3", "0", "0,1,2,3"]  # gqa and vqav2 split over the GPUs
@@ -211,7 +211,7 @@ def test_eval_needs_llava_dir_and_known_benchmarks(tmp_path):
     assert res.returncode != 0 and "LLAVA_DIR" in res.stderr and not list(tmp_path.iterdir())
     # a dry run still shows the plan, with the checkout left to fill in
     steps = dry("--size", "7b", "--stage", "eval", "--benchmarks", "gqa")
-    assert steps[-1]["argv"] == ["bash", "$LLAVA_DIR/scripts/v1_5/eval/gqa.sh"]
+    assert steps[-1]["argv"] == ["bash", "scripts/v1_5/eval/gqa.sh"] and "$LLAVA_DIR" in steps[-2]["argv"]
     res = dry("--size", "7b", "--stage", "eval", "--llava-dir", "/x", "--benchmarks", "gqa,nope", check=False)
     assert res.returncode != 0 and "nope" in res.stderr
 
@@ -230,7 +230,7 @@ def test_text_dry_run_prints_shell_commands_and_runs_nothing(tmp_path):
     train = [shlex.split(c) for c in commands if c.startswith("deepspeed ")]
     assert len(train) == 2 and all(["--hostfile", str(hostfile)] == t[1:3] for t in train)
     assert all("--basic" in t and t[t.index("--basic") + 1] == "True" for t in train)
-    assert re.search(r"^cd \S+ && CUDA_VISIBLE_DEVICES=0 bash \S+/scripts/v1_5/eval/sqa\.sh$", res.stdout, re.M)
+    assert re.search(r"^cd \S+ && CUDA_VISIBLE_DEVICES=0 bash scripts/v1_5/eval/sqa\.sh$", res.stdout, re.M)
     assert not out.exists()  # nothing ran
 
 
@@ -245,6 +245,8 @@ def test_eval_workspace_keeps_outputs_local(tmp_path):
         (ev / rel).write_text(text)
     for d in ("scripts/v1_5/eval", "llava/eval"):
         (llava / d).mkdir(parents=True)
+    (llava / "scripts" / "v1_5" / "eval" / "gqa.sh").write_text(LLAVA_LIKE_EVAL_SCRIPT)
+    (llava / "scripts" / "convert_gqa_for_eval.py").write_text("# converts")
     ckpt = tmp_path / "ckpt" / "llava-v1.5-7b-basic"
     ckpt.mkdir(parents=True)
     work = tmp_path / "work"
@@ -253,8 +255,10 @@ def test_eval_workspace_keeps_outputs_local(tmp_path):
                               "--eval-workdir", str(work), "--eval-checkpoint", str(ckpt)],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
-    assert (work / "liuhaotian" / "llava-v1.5-13b").resolve() == ckpt.resolve()
-    assert (work / "scripts").resolve() == (llava / "scripts").resolve()
+    assert not (work / "liuhaotian").exists()  # no checkpoint of any size posing as llava-v1.5-13b
+    assert (work / "scripts" / "convert_gqa_for_eval.py").resolve() == (llava / "scripts" / "convert_gqa_for_eval.py")
+    gqa = (work / "scripts" / "v1_5" / "eval" / "gqa.sh").read_text()
+    assert f"--model-path {ckpt}" in gqa and 'CKPT="llava-v1.5-7b-basic"' in gqa and "13b" not in gqa
     assert (work / "llava").resolve() == (llava / "llava").resolve()
     wev = work / "playground" / "data" / "eval"
     assert (wev / "gqa" / "data" / "images").is_symlink() and (wev / "gqa" / "llava_gqa.jsonl").is_symlink()
@@ -265,6 +269,41 @@ def test_eval_workspace_keeps_outputs_local(tmp_path):
     (wev / "gqa" / "answers" / "new.jsonl").write_text("ours")  # a script writing its answers
     assert not (ev / "gqa" / "answers" / "new.jsonl").exists()
     assert (ev / "gqa" / "data" / "testdev_balanced_predictions.json").read_text() == "old"
+
+
+#: the lines of LLaVA's scripts/v1_5/eval/*.sh that name the model (their shape at c121f04)
+LLAVA_LIKE_EVAL_SCRIPT = """#!/bin/bash
+CKPT="llava-v1.5-13b"
+python -m llava.eval.model_vqa_loader \\
+    --model-path liuhaotian/llava-v1.5-13b \\
+    --answers-file ./playground/data/eval/gqa/answers/$SPLIT/$CKPT/merge.jsonl \\
+    --conv-mode vicuna_v1
+python scripts/convert_mmbench_for_submission.py --experiment llava-v1.5-13b
+"""
+
+
+def _recipe():
+    import importlib.util
+
+    name = "llava15_basic_under_test"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, DRIVER)
+        sys.modules[name] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+@pytest.mark.parametrize("name", ["llava-v1.5-7b-basic", "llava-v1.5-13b-basic", "llava-v1.5-13b"])
+def test_eval_outputs_carry_the_evaluated_checkpoints_name(tmp_path, name):
+    """A 7B checkpoint is evaluated and labelled as itself, never as llava-v1.5-13b; a 13B path is not renamed twice."""
+    ckpt = tmp_path / "checkpoints" / name
+    text = _recipe().rewrite_eval_script(LLAVA_LIKE_EVAL_SCRIPT, ckpt)
+    assert text.splitlines() == ["#!/bin/bash", f'CKPT="{name}"', "python -m llava.eval.model_vqa_loader \\",
+                                 f"    --model-path {ckpt} \\",
+                                 "    --answers-file ./playground/data/eval/gqa/answers/$SPLIT/$CKPT/merge.jsonl \\",
+                                 "    --conv-mode vicuna_v1",
+                                 f"python scripts/convert_mmbench_for_submission.py --experiment {name}"]
+    assert _recipe().eval_name(tmp_path / name / "checkpoint-500") == f"{name}_checkpoint-500"  # as LLaVA names it
 
 
 @pytest.mark.skipif(not os.environ.get("LLAVA_DIR"), reason="LLAVA_DIR (a LLaVA git checkout) not set")

@@ -237,6 +237,82 @@ def test_killed_finetune_resumes_on_the_same_trajectory(tiny_llava, tiny_data_v1
             assert after[step][key] == pytest.approx(reference[step][key], rel=1e-3, abs=1e-4), (step, key)
 
 
+def test_lora_finetune_under_deepspeed_resumes_on_the_same_trajectory(tiny_llava, tiny_data_v1, tmp_path):
+    """LLaVA issue #1200: LLaVA's LoRA finetune (ZeRO-2) resumes from ``checkpoint-2`` through the host and continues
+    the uninterrupted run's losses; vanilla LLaVA on transformers 4.37 fails at the resume (a strict load of a
+    checkpoint that holds the trainable weights only)."""
+    import shutil
+
+    def args(out, *basic):
+        return tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", lora=True, deepspeed_config="zero2",
+                               max_steps=4, extra=["--save_strategy", "steps", "--save_steps", "2", *basic])
+
+    on = ("--basic", "True")
+    whole = run_training(HOST, args(tmp_path / "whole", *on), output_dir=tmp_path / "whole", deepspeed_ranks=1)
+    assert (tmp_path / "whole" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    for name in ("resumed", "vanilla"):  # a run stopped after checkpoint-2, as a crash would leave it
+        shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / name / "checkpoint-2")
+    resumed = run_training(HOST, args(tmp_path / "resumed", *on), output_dir=tmp_path / "resumed", deepspeed_ranks=1)
+    steps = {e["step"]: e for e in resumed["log_history"] if "loss" in e}
+    reference = {e["step"]: e for e in whole["log_history"] if "loss" in e}
+    assert sorted(steps) == sorted(reference) == [1, 2, 3, 4]
+    for step in (3, 4):  # trained after the resume
+        for key in ("loss", "lm_loss", "basic_das", "basic_sds"):
+            assert steps[step][key] == pytest.approx(reference[step][key], rel=1e-3, abs=1e-4), (step, key)
+    assert (tmp_path / "resumed" / "non_lora_trainables.bin").is_file()
+    cmd = training_command("tests._vanilla_train", args(tmp_path / "vanilla"), deepspeed_ranks=1)
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=training_env(deepspeed_ranks=1), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode != 0 and "Missing key(s) in state_dict" in res.stdout + res.stderr
+
+
+def test_zero3_adapter_load_into_a_llava_checkpoint_is_refused(tiny_llava, tiny_data_plain, tiny_data_v1, tmp_path):
+    """LLaVA issues #1554, #728: ZeRO-3 + --pretrain_mm_mlp_adapter. From the base LLM a BASIC-pretrained projector
+    loads and trains; from a LLaVA checkpoint (which builds a projector, partitioned, while it loads) LLaVA's load
+    of the adapter fails on a torch.Size([0]) partition: refused before the model loads."""
+    import shutil
+
+    pre = tmp_path / "pretrain"
+    run_training(HOST, tiny_train_args(tiny_llava, *tiny_data_plain, pre, stage="pretrain", max_steps=1,
+                                       extra=["--basic", "True"]), output_dir=pre)
+    adapter = pre / "mm_projector.bin"
+    base = tmp_path / "from-base"
+    run = run_training(HOST, tiny_train_args(tiny_llava, *tiny_data_v1, base, stage="finetune", max_steps=1,
+                                             deepspeed_config="zero3", pretrain_mm_mlp_adapter=adapter,
+                                             extra=["--basic", "True"]), output_dir=base, deepspeed_ranks=1)
+    assert all_finite(run["losses"])
+    # a LLaVA checkpoint: the base LLM's files with the vision keys LLaVA writes into a finetuned model's config
+    llava = tmp_path / "llava-tiny"
+    shutil.copytree(tiny_llava["lm"], llava)
+    config = json.loads((llava / "config.json").read_text())
+    config.update(json.loads((base / "config.json").read_text()))
+    assert config["mm_projector_type"] == "mlp2x_gelu" and config["mm_vision_tower"]
+    (llava / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "from-llava"
+    args = tiny_train_args(tiny_llava, *tiny_data_v1, out, stage="finetune", max_steps=1, deepspeed_config="zero3",
+                           pretrain_mm_mlp_adapter=adapter, extra=["--basic", "True", "--model_name_or_path", str(llava)])
+    res = subprocess.run(training_command(HOST, args, deepspeed_ranks=1), cwd=REPO_ROOT,
+                         env=training_env(deepspeed_ranks=1), capture_output=True, text=True, timeout=600)
+    errors = [ln for ln in (res.stdout + res.stderr).splitlines() if "error: --pretrain_mm_mlp_adapter" in ln]
+    assert res.returncode != 0 and errors, (res.stdout + res.stderr)[-3000:]
+    assert "is a LLaVA checkpoint" in errors[0] and "allowed: drop --pretrain_mm_mlp_adapter" in errors[0]
+    assert "size mismatch for" not in res.stdout + res.stderr and "Traceback" not in res.stderr and not out.exists()
+
+
+def test_lora_with_a_frozen_projector_from_the_base_llm_is_refused(host_parser, tiny_llava, tmp_path):
+    """LLaVA issues #784, #1373: the projector of such a LoRA run is saved nowhere; refused while parsing."""
+    from basic_plugin.host.refusal import Refusal
+
+    out = tmp_path / "out"
+    with pytest.raises(Refusal, match=r"--freeze_mm_mlp_adapter True with --lora_enable True on the base LLM .*"
+                                      r"non_lora_trainables\.bin.*allowed: drop --freeze_mm_mlp_adapter"):
+        parse(host_parser, tiny_llava, out, "--lora_enable", "True", "--freeze_mm_mlp_adapter", "True",
+              stage="finetune")
+    assert not out.exists()
+    # LLaVA's finetune_lora.sh (the projector trains): accepted
+    parse(host_parser, tiny_llava, out, "--lora_enable", "True", "--data_preflight", "off", stage="finetune")
+
+
 # ---------------------------------------------------------------- 5. compatibility with vanilla LLaVA
 def test_basic_projector_loads_in_vanilla_finetune(tiny_llava, tiny_data_plain, tiny_data_v1, tmp_path):
     pre = tmp_path / "pretrain"

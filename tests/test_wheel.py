@@ -147,6 +147,13 @@ def test_sdist_holds_the_package_and_configs(built):
         config = json.loads(tar.extractfile(prefix + "basic_plugin/configs/zero3.json").read())
     assert _package_files(built["source"]) <= names
     assert {"pyproject.toml", "README.md", "PKG-INFO"} <= names
+    # what the README and INTEGRATION.md send a reader to: the docs, the upstream patches, the licence
+    documents = {"INTEGRATION.md", "LICENSE", "constraints.txt", "constraints-gpu.txt", "docs/PLUGIN_HOOKS.md",
+                 "docs/RELIABILITY.md", "docs/DECISIONS.md", "docs/RESULTS.md", "docs/PERFORMANCE.md",
+                 "patches/README.md", "patches/0001-plugin-hooks.patch", "patches/0002-scripts-basic-flag.patch",
+                 "patches/build_patch.py", "patches/template/plugins.py.in", "examples/projector_norm_plugin.py"}
+    assert documents <= names, sorted(documents - names)
+    assert {f"docs/{p.relative_to(REPO_ROOT / 'docs').as_posix()}" for p in (REPO_ROOT / "docs" / "img").iterdir()} <= names
     assert config == json.loads((REPO_ROOT / "basic_plugin" / "configs" / "zero3.json").read_text())
 
 
@@ -157,6 +164,7 @@ def test_wheel_holds_the_package_its_data_and_entry_points(built):
         entry_points = whl.read(info + "entry_points.txt").decode()
         meta = whl.read(info + "METADATA").decode()
     code = {n for n in names if not n.startswith(info)}
+    assert info + "licenses/LICENSE" in names and "License-Expression: Apache-2.0" in meta
     # basic_plugin and nothing else: no tests, scripts or patches in site-packages
     assert code == _package_files(built["source"]), sorted(code ^ _package_files(built["source"]))
     for group, eps in [("console_scripts", PYPROJECT["project"]["scripts"]),
@@ -179,24 +187,26 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _own_files(site: Path) -> set:
-    """Paths (relative to ``site``) of basic-llava's installed files in this environment, if any."""
+def _own_files(site: Path, dists: tuple = (DIST,)) -> set:
+    """Paths (relative to ``site``) of the installed files of the distributions ``dists`` (basic-llava's), if any."""
     own = set()
     for dist in metadata.distributions(path=[str(site)]):
-        if (dist.metadata["Name"] or "").lower().replace("_", "-") == DIST:
+        if (dist.metadata["Name"] or "").lower().replace("_", "-") in dists:
             own |= {Path(os.path.normpath(str(f))).as_posix() for f in dist.files or ()}
     return own
 
 
-def _populate(site: Path, target: Path) -> None:
-    """Hard-link (or copy) ``site`` into ``target``, leaving basic-llava's own files out."""
-    own = _own_files(site)
+def _populate(site: Path, target: Path, keep=None, *, leave_out: tuple = (DIST,)) -> None:
+    """Hard-link (or copy) ``site`` into ``target``, leaving out the files of the distributions ``leave_out``
+    (basic-llava's own by default) and, with ``keep``, every top-level entry for which ``keep(name)`` is false."""
+    own = _own_files(site, leave_out)
     for top, dirs, files in os.walk(site):
         rel_top = Path(top).relative_to(site)
-        dirs[:] = [d for d in dirs if (rel_top / d).as_posix() not in own]
+        dirs[:] = [d for d in dirs if (rel_top / d).as_posix() not in own
+                   and (keep is None or rel_top != Path(".") or keep(d))]
         for name in files:
             rel = (rel_top / name).as_posix()
-            if rel in own:
+            if rel in own or (keep is not None and rel_top == Path(".") and not keep(name)):
                 continue
             src, dst = Path(top) / name, target / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -285,6 +295,9 @@ def test_installed_wheel_is_what_imports(venv):
     assert not any(p and str(Path(p).resolve()).startswith(repo) for p in probe["path"]), probe["path"]
     wanted = sorted((name, value, DIST) for name, value in PYPROJECT["project"]["entry-points"]["llava"].items())
     assert [tuple(ep) for ep in probe["llava_entry_points"]] == wanted
+    # the host and BASIC, no lab code: a LLaVA that loads checkpoints consults nothing else of ours
+    assert [(name, value) for name, value, _ in probe["llava_entry_points"]] == [
+        ("basic", "basic_plugin.basic.plugin"), ("basic-llava", "basic_plugin.host.native")]
     assert (venv["site"] / "basic_plugin" / "configs" / "zero2.json").is_file()
     assert not (venv["site"] / "tests").exists()
 
@@ -320,6 +333,20 @@ def patched_llava(venv):
     return site
 
 
+def _train_in(venv: dict, module: str, out: Path, tiny_llava, data, **extra) -> dict:
+    """``python -m module`` in the environment ``venv``, from outside the repository: STEPS ``--basic True`` steps
+    of the tiny model (seeded before the model is built, so every route starts from the same projector)."""
+    args = tiny_train_args(tiny_llava, *data, out, stage="pretrain", max_steps=STEPS,
+                           extra=("--basic", "True", "--seed_model_init", "True"))
+    env = _child_env(venv["venv"], OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, **extra)
+    res = _run([venv["python"], "-m", module, *args], cwd=venv["cwd"], env=env, timeout=600)
+    output = res.stdout + res.stderr
+    assert res.returncode == 0, f"{module}: exit {res.returncode}\n{output[-8000:]}"
+    probe = json.loads(_ok(_run([venv["python"], "-c", PROBE], cwd=venv["cwd"], env=env)))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {"output": output, "history": history, "steps": [e for e in history if "loss" in e], "probe": probe}
+
+
 @pytest.fixture(scope="module")
 def trained(venv, patched_llava, tiny_llava, tiny_data_plain):
     """Both routes, 2 steps each with ``--basic True``, side by side (one thread each)."""
@@ -330,16 +357,7 @@ def trained(venv, patched_llava, tiny_llava, tiny_data_plain):
 
     def run(name):
         module, extra = plan[name]
-        out = venv["root"] / "runs" / name
-        args = tiny_train_args(tiny_llava, *tiny_data_plain, out, stage="pretrain", max_steps=STEPS,
-                               extra=("--basic", "True"))
-        env = _child_env(venv["venv"], OMP_NUM_THREADS=1, MKL_NUM_THREADS=1, **extra)
-        res = _run([venv["python"], "-m", module, *args], cwd=venv["cwd"], env=env, timeout=600)
-        output = res.stdout + res.stderr
-        assert res.returncode == 0, f"{name}: exit {res.returncode}\n{output[-8000:]}"
-        probe = json.loads(_ok(_run([venv["python"], "-c", PROBE], cwd=venv["cwd"], env=env)))
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        return {"output": output, "history": history, "probe": probe}
+        return _train_in(venv, module, venv["root"] / "runs" / name, tiny_llava, tiny_data_plain, **extra)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         return dict(zip(plan, pool.map(run, plan)))
@@ -361,3 +379,109 @@ def test_basic_trains_from_the_wheel(trained, venv, patched_llava, route):
     if route == "patched":  # LLaVA's own plugin manager found the wheel's host entry point
         assert "[llava-plugins] llava_train_classes -> ['basic-llava']" in run["output"]
         assert "[llava-plugins] llava_objective -> ['basic']" in run["output"]
+
+
+# ----------------------------------------------------------------------------- building without the training stack
+#: what ``python -m build --no-isolation`` needs: the build frontend and the backend pyproject.toml names, nothing else
+BUILD_TOOLS = ("build", "pyproject_hooks", "packaging", "setuptools", "_distutils_hack", "distutils-precedence.pth")
+
+
+def _is_build_tool(name: str) -> bool:
+    return name in BUILD_TOOLS or any(name.startswith(f"{tool}-") and name.endswith(".dist-info")
+                                      for tool in BUILD_TOOLS)
+
+
+def test_the_wheel_builds_without_the_training_stack(built, tmp_path_factory):
+    """The pure-Python wheel and sdist build in an environment that holds only the build tools (no torch, no
+    LLaVA, nothing of the 1.4 GB training set), and equal the ones built in the training environment."""
+    root = tmp_path_factory.mktemp("build_only")
+    venv = root / "venv"
+    _ok(_run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root))
+    python = venv / "bin" / "python"
+    target = Path(_ok(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=root)).strip())
+    _populate(Path(sysconfig.get_path("purelib")), target, keep=_is_build_tool)
+    env = _child_env(venv)
+    for absent in ("torch", "llava", "transformers", "pluggy", "basic_plugin"):
+        res = _run([python, "-c", f"import {absent}"], cwd=root, env=env)
+        assert res.returncode != 0 and "No module named" in res.stderr, absent
+    out = root / "dist"
+    _ok(_run([python, "-m", "build", "--no-isolation", "--outdir", out, built["source"]], cwd=root, env=env))
+    (wheel,), (sdist,) = sorted(out.glob("*.whl")), sorted(out.glob("*.tar.gz"))
+    assert wheel.name == built["wheel"].name and sdist.name == built["sdist"].name
+    with zipfile.ZipFile(wheel) as ours, zipfile.ZipFile(built["wheel"]) as theirs:
+        assert sorted(ours.namelist()) == sorted(theirs.namelist())
+        for name in ours.namelist():
+            if not name.endswith("RECORD"):
+                assert ours.read(name) == theirs.read(name), name
+    with tarfile.open(sdist) as ours, tarfile.open(built["sdist"]) as theirs:
+        assert sorted(ours.getnames()) == sorted(theirs.getnames())
+
+
+# ----------------------------------------------------------------------------- next to a LLaVA git checkout
+LLAVA_DIR = os.environ.get("LLAVA_DIR")
+LLAVA_COMMIT = "c121f04"
+#: the parts of the checkout the route uses: the package, its scripts, and what ``pip install -e`` reads
+LLAVA_FILES = ("llava", "scripts", "pyproject.toml", "README.md", "LICENSE")
+SCRIPTS_PATCH = REPO_ROOT / "patches" / "0002-scripts-basic-flag.patch"
+
+
+@pytest.fixture(scope="module")
+def git_llava_venv(built, tmp_path_factory):
+    """A fresh environment with LLaVA installed from a git checkout (``pip install --no-deps -e``, the CPU route
+    of INTEGRATION.md) instead of the llava-torch wheel, then the wheel installed plainly."""
+    if not LLAVA_DIR:
+        pytest.skip("LLAVA_DIR (a LLaVA git repository) not set")
+    root = tmp_path_factory.mktemp("git_llava")
+    checkout = root / "LLaVA"
+    checkout.mkdir()
+    # what installing LLaVA and applying the patches reads (works for a checkout and for a mirror without the
+    # large files of its images/)
+    archive = subprocess.run(["git", "-C", LLAVA_DIR, "archive", LLAVA_COMMIT, *LLAVA_FILES], capture_output=True)
+    assert archive.returncode == 0, archive.stderr.decode()
+    subprocess.run(["tar", "x"], input=archive.stdout, cwd=checkout, check=True)
+    git_env = dict(os.environ, GIT_CEILING_DIRECTORIES=str(root), GIT_AUTHOR_NAME="x", GIT_AUTHOR_EMAIL="x@x",
+                   GIT_COMMITTER_NAME="x", GIT_COMMITTER_EMAIL="x@x")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", LLAVA_COMMIT]):
+        _ok(_run(cmd, cwd=checkout, env=git_env))
+    venv = root / "venv"
+    _ok(_run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=root))
+    python = venv / "bin" / "python"
+    site = Path(sysconfig.get_path("purelib"))
+    target = Path(_ok(_run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=root)).strip())
+    _populate(site, target, leave_out=(DIST, "llava-torch"))  # the CPU working set without any LLaVA
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    env = _child_env(venv)
+    absent = _run([python, "-c", "import llava"], cwd=elsewhere, env=env)
+    assert absent.returncode != 0 and "No module named 'llava'" in absent.stderr, absent.stderr
+    _ok(_run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", checkout], cwd=elsewhere,
+             env=env, timeout=600))
+    pip = _ok(_run([python, "-m", "pip", "install", built["wheel"]], cwd=elsewhere, env=env, timeout=600))
+    return {"root": root, "venv": venv, "python": python, "env": env, "cwd": elsewhere, "checkout": checkout,
+            "git_env": git_env, "site": target, "pip": pip}
+
+
+def test_next_to_a_llava_git_checkout_both_routes_train(git_llava_venv, tiny_llava, tiny_data_plain):
+    """INTEGRATION.md's CPU route for a LLaVA git checkout, end to end: doctor finds the checkout; the unpatched
+    checkout trains through ``python -m basic_plugin.train``; after ``git apply`` of both patches, LLaVA's own
+    ``python -m llava.train.train`` of the same checkout trains with ``--basic True``."""
+    venv = git_llava_venv
+    doctor = json.loads(_ok(_run(["basic-llava", "doctor", "--json"], cwd=venv["cwd"], env=venv["env"], timeout=300)))
+    checks = {c["name"]: c for c in doctor["checks"]}
+    assert checks["llava"]["status"] == "ok" and "git checkout" in checks["llava"]["note"], checks["llava"]
+    assert checks["llava hooks"]["found"] == "unpatched"
+    runtime = _train_in(venv, "basic_plugin.train", venv["root"] / "runs" / "runtime", tiny_llava, tiny_data_plain)
+    assert [e["step"] for e in runtime["steps"]] == list(range(1, STEPS + 1))
+    assert all(e["basic_das"] > 0 for e in runtime["steps"])
+    assert Path(runtime["probe"]["llava"]).is_relative_to(venv["checkout"])  # the checkout, installed editable
+    assert Path(runtime["probe"]["basic_plugin"]).is_relative_to(venv["site"])  # the wheel
+
+    for patch in (CODE_PATCH, SCRIPTS_PATCH):  # as INTEGRATION.md says: git apply (or git am) in the checkout
+        _ok(_run(["git", "apply", patch], cwd=venv["checkout"], env=venv["git_env"]))
+    assert "--basic True" in (venv["checkout"] / "scripts" / "v1_5" / "pretrain.sh").read_text()
+    patched = _train_in(venv, "llava.train.train", venv["root"] / "runs" / "patched", tiny_llava, tiny_data_plain,
+                        LLAVA_PLUGINS_TRACE=1)
+    assert "[llava-plugins] llava_train_classes -> ['basic-llava']" in patched["output"]
+    assert [set(e) for e in patched["steps"]] == [set(e) for e in runtime["steps"]]
+    for ours, theirs in zip(patched["steps"], runtime["steps"]):  # the same classes, the same arithmetic
+        assert ours == pytest.approx(theirs, rel=1e-5, abs=1e-8)

@@ -24,6 +24,7 @@ import sys
 import typing
 from typing import Callable
 
+from basic_plugin.host.pitfalls import check_llava_pitfalls
 from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.refusal import Refusal, refuse
 
@@ -89,6 +90,7 @@ def host_checks(model_args, data_args, training_args) -> None:
     if training_args.data_preflight not in PREFLIGHT_MODES:
         raise Refusal(f"--data_preflight {training_args.data_preflight!r} is invalid; "
                       f"allowed: {'|'.join(PREFLIGHT_MODES)}")
+    check_llava_pitfalls(model_args, training_args)
     if training_args.plugin_max_nonfinite_steps < 1:
         raise ValueError(f"--plugin_max_nonfinite_steps {training_args.plugin_max_nonfinite_steps} is invalid; "
                          "allowed: an integer >= 1")

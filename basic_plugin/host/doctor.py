@@ -148,7 +148,7 @@ def check_versions() -> list[Check]:
         if f.ok and f.found is None:  # an optional package that is absent
             checks.append(Check(f.package, INFO, None, f.note))
         else:
-            checks.append(Check(f.package, OK if f.ok else BAD, f.found, "ok" if f.ok else f.note))
+            checks.append(Check(f.package, OK if f.ok else BAD, f.found, f.note))  # ok: "ok", or which kind
     return checks
 
 
@@ -193,6 +193,26 @@ def check_plugins(env=None) -> Check:
         return Check("plugins", BAD, found, "unknown plugin name(s): " + "; ".join(fixes)
                      + f"; installed: {', '.join(sorted(env.installed)) or '(none)'}")
     return Check("plugins", OK, found, "ok")
+
+
+def check_plugin_imports(env=None) -> Check:
+    """Every enabled plugin imports (one that does not is left out by both managers, with a warning)."""
+    from basic_plugin.host.plugins import available_entry_points, plugin_environment
+
+    env = env or plugin_environment()
+    broken = []
+    for name, ep in sorted(available_entry_points().items()):
+        if name not in env.enabled:
+            continue
+        try:
+            ep.load()
+        except Exception as exc:  # noqa: BLE001 - the failure is the finding
+            broken.append(f"{name} ({ep.value}): {type(exc).__name__}: {exc}")
+    if broken:
+        return Check("plugin imports", BAD, f"{len(broken)} of {len(env.enabled)} fail",
+                     "left out of training and model loading, their flags unknown: " + "; ".join(broken)
+                     + "; fix or reinstall them, or keep them out with LLAVA_PLUGINS_BLOCK")
+    return Check("plugin imports", OK, f"{len(env.enabled)} import", "ok")
 
 
 def _unblocking(name: str, env) -> str:
@@ -241,17 +261,21 @@ def check_native_plugin(env=None, hooks: str | None = "probe") -> Check:
 
 
 def run_checks() -> list[Check]:
-    """Every check, in the order ``basic-llava doctor`` prints them."""
-    from basic_plugin.host.plugins import plugin_environment
-
+    """Every check, in the order ``basic-llava doctor`` prints them (without pluggy too: it is one of them)."""
     cuda = probe_cuda()
     hooks = probe_llava_hooks()
     checks = [check_cuda(cuda), check_flash_attn(cuda.available), *check_versions(), check_llava_imports(),
               check_llava_hooks(hooks)]
+    if importlib.util.find_spec("pluggy") is None:
+        checks.append(Check("plugins", BAD, None, "not listed: pluggy is not installed (pip install 'pluggy>=1.3')"))
+        return checks
     try:
+        from basic_plugin.host.plugins import plugin_environment
+
         env = plugin_environment()
-        checks += [check_plugins(env), check_basic_plugin(env), check_native_plugin(env, hooks)]
-    except Exception as exc:  # noqa: BLE001 - a broken entry point is a finding
+        checks += [check_plugins(env), check_plugin_imports(env), check_basic_plugin(env),
+                   check_native_plugin(env, hooks)]
+    except Exception as exc:  # noqa: BLE001 - a broken entry point (or pluggy) is a finding
         checks.append(Check("plugins", BAD, None, f"listing plugins failed: {type(exc).__name__}: {exc}"))
     return checks
 

@@ -18,6 +18,10 @@ exactly as ``deepspeed --module basic_plugin.train_mem ... --basic True`` does w
 unpatched one. The vision-tower seam needs nothing here: the patched LLaVA asks
 ``llava_build_vision_tower`` of the plugins itself (at inference too).
 
+Off means off: a command line with no host or plugin flag gets ``{}`` (LLaVA's own classes,
+LLaVA's own checks: no version policy, no CPU workaround), unless ``BASIC_LLAVA_HOST=1``
+asks for the host (:func:`native_train_classes`).
+
 Both hooks are specified once, in :mod:`basic_plugin.host.hookspecs`; the patch's
 ``llava/plugins.py`` carries the same specs (``patches/build_patch.py`` writes them in).
 The host's own plugin manager registers this module itself, on every load and whatever
@@ -31,36 +35,101 @@ patched LLaVA), the classes LLaVA passes are already the host's: nothing is repl
 """
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from typing import Dict, Sequence
 
 from basic_plugin.host.hookspecs import hookimpl
 from basic_plugin.host.integration import HOSTED_CLASSES, host_classes  # noqa: F401  (one definition)
 from basic_plugin.host.refusal import refusals_exit
 
 
-def native_train_classes(classes: Dict[str, type]) -> Dict[str, type]:
-    """Answer of the patched LLaVA's ``llava_train_classes``: {} when the classes are already the host's.
+#: opt-in: on a patched LLaVA, run the host (its version policy, CPU workarounds and classes) even when no
+#: plugin flag is given
+HOST_ENV = "BASIC_LLAVA_HOST"
+_TRUE = ("yes", "true", "t", "y", "1")  # transformers' string_to_bool
 
-    Runs what ``python -m basic_plugin.train`` runs before ``train()``: the version check,
-    the CPU workarounds (no-ops with CUDA), the checkpoint-RNG allow-list and plugin loading
-    (``LLAVA_PLUGINS*`` honoured). No entry point of ours runs around LLaVA's own ``train()``
-    here, so the argument classes end the process themselves on a refusal (one ``error:``
-    line, status 2). Not repeated here: that entry's friendlier message for unknown flags,
-    and its process-group teardown after ``train()`` (a CPU/gloo exit issue; the patched
-    ``train()`` has no hook after it returns).
+
+@dataclass(frozen=True)
+class FlagRequest:
+    """What a command line asks of the host, read before LLaVA parses it."""
+
+    given: tuple[str, ...]  #: host and plugin flags named on the command line
+    plugin_on: bool  #: a plugin's switch is on (or a plugin without a switch has a flag given)
+
+
+def flag_request(argv: Sequence[str]) -> FlagRequest:
+    """The host's and the loaded plugins' flags in ``argv`` (``--name value``, ``--name=value``, bare ``--name``
+    for a bool, ``--no_name``), by exact name as LLaVA's parser will read them."""
+    from basic_plugin.host.arguments import HostArguments, plugin_argument_classes, switch_of
+    from basic_plugin.host.plugins import load_plugins
+
+    load_plugins()
+    plugin_classes = plugin_argument_classes()
+    names: dict[str, str] = {}
+    for cls in (HostArguments, *plugin_classes):
+        for f in dataclasses.fields(cls):
+            names[f.name] = f.name
+            names[f"no_{f.name}"] = f.name  # HfArgumentParser's negation of a bool defaulting to True
+    values: dict[str, str | None] = {}
+    for i, token in enumerate(argv):
+        if not token.startswith("--"):
+            continue
+        name, eq, value = token[2:].partition("=")
+        if name not in names:
+            continue
+        if not eq:
+            following = argv[i + 1] if i + 1 < len(argv) else None
+            value = None if following is None or following.startswith("--") else following
+        values[names[name]] = "false" if name != names[name] else value
+
+    def on(cls) -> bool:
+        switch = switch_of(cls)
+        if switch is None:
+            return any(f.name in values for f in dataclasses.fields(cls))
+        return switch in values and (values[switch] is None or values[switch].lower() in _TRUE)
+
+    return FlagRequest(given=tuple(values), plugin_on=any(on(cls) for cls in plugin_classes))
+
+
+def host_opted_in() -> bool:
+    """``BASIC_LLAVA_HOST=1``: the host runs on a patched LLaVA's own ``train()`` without a plugin flag."""
+    return os.environ.get(HOST_ENV, "").strip().lower() in _TRUE
+
+
+def native_train_classes(classes: Dict[str, type], argv: Sequence[str] | None = None) -> Dict[str, type]:
+    """Answer of the patched LLaVA's ``llava_train_classes``: {} keeps LLaVA's classes.
+
+    Off means off: with no host or plugin flag on the command line (``argv``, default
+    ``sys.argv[1:]``), ``train()`` keeps LLaVA's classes and LLaVA's checks, nothing else
+    (no version policy, no CPU workaround, ``training_args.bin`` pickled as LLaVA's own
+    class), unless ``BASIC_LLAVA_HOST=1`` asks for the host. With a flag given, the host's
+    classes parse it; with a plugin switched on (``--basic True``) or the opt-in, this also
+    runs what ``python -m basic_plugin.train`` runs before ``train()``: the version check,
+    the CPU workarounds (no-ops with CUDA) and the checkpoint-RNG allow-list. No entry point
+    of ours runs around LLaVA's own ``train()`` here, so the argument classes end the process
+    themselves on a refusal (one ``error:`` line, status 2). Not repeated here: that entry's
+    friendlier message for unknown flags, and its process-group teardown after ``train()``
+    (a CPU/gloo exit issue; the patched ``train()`` has no hook after it returns).
+    {} as well when the classes are already the host's (the runtime integration in place).
     """
     from basic_plugin.host.compat import allow_checkpoint_rng_states
     from basic_plugin.host.cpu import apply_cpu_workarounds
-    from basic_plugin.host.plugins import load_plugins
     from basic_plugin.host.versions import require_supported_versions
 
     if hasattr(classes["TrainingArguments"], "_llava_plugin_base"):  # runtime integration in place
         return {}
-    with refusals_exit():  # LLaVA's own entry would print a traceback: a refusal ends the process here
-        require_supported_versions()
-    apply_cpu_workarounds()
-    allow_checkpoint_rng_states()
-    load_plugins()
+    request = flag_request(sys.argv[1:] if argv is None else argv)
+    opted_in = host_opted_in()
+    if not request.given and not opted_in:
+        return {}
+    if request.plugin_on or opted_in:
+        with refusals_exit():  # LLaVA's own entry would print a traceback: a refusal ends the process here
+            require_supported_versions()
+        apply_cpu_workarounds()
+        allow_checkpoint_rng_states()
     return host_classes(classes, exit_on_refusal=True)
 
 

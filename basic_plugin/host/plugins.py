@@ -10,7 +10,8 @@ included, registered exactly like a third-party plugin). Environment variables:
 A name in either list that no installed entry point has is almost always a typo (in the
 allow-list it silently keeps every plugin out): :func:`load_plugins` warns with
 :class:`UnknownPluginWarning`, naming it and the installed names, and ``basic-llava doctor``
-counts it as a problem.
+counts it as a problem. A plugin that fails to import is left out with one
+:class:`PluginLoadWarning` naming it (a patched LLaVA's manager does the same), and the others load.
 
 The host's own plugin (:data:`BUILTIN_PLUGINS`: ``basic-llava``, the answer to a patched
 LLaVA's ``llava_train_classes``) is part of the host, not a plugin a user picks: this manager
@@ -60,6 +61,15 @@ def available_entry_points():
 
 class UnknownPluginWarning(UserWarning):
     """``LLAVA_PLUGINS`` / ``LLAVA_PLUGINS_BLOCK`` names a plugin that is not installed."""
+
+
+class PluginLoadWarning(UserWarning):
+    """An installed plugin failed to import: it is left out, the other plugins and LLaVA go on."""
+
+
+def load_failure_message(name: str, value: str, error: BaseException) -> str:
+    """The one line both managers (this one and a patched LLaVA's) warn with for a plugin that fails to load."""
+    return f"llava plugin {name!r} ({value}) failed to load and is left out: {error!r}"
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,12 @@ def load_plugins() -> pluggy.PluginManager:
     for name, ep in sorted(available_entry_points().items()):
         if pm.is_blocked(name) or pm.get_plugin(name) is not None:
             continue
-        pm.register(ep.load(), name=name)
+        try:
+            plugin = ep.load()
+        except Exception as error:  # noqa: BLE001 - a broken plugin is left out, as a patched LLaVA does
+            warnings.warn(load_failure_message(name, ep.value, error), PluginLoadWarning, stacklevel=2)
+            continue
+        pm.register(plugin, name=name)
     pm.check_pending()
     if os.environ.get(TRACE_ENV, "") not in ("", "0") and _undo_trace is None:
         def before(hook_name, hook_impls, kwargs):
@@ -135,6 +150,13 @@ def load_plugins() -> pluggy.PluginManager:
 
         _undo_trace = pm.add_hookcall_monitoring(before, after)
     return pm
+
+
+def failed_plugins() -> list[str]:
+    """Installed plugins that loading left out because they failed to import (not blocked, not registered)."""
+    if not _loaded:
+        return []
+    return sorted(n for n in available_entry_points() if not pm.is_blocked(n) and pm.get_plugin(n) is None)
 
 
 def reset_plugins() -> None:

@@ -16,10 +16,13 @@ with ``--skip_bad_records True``, trains on the good records, written to
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -34,8 +37,12 @@ FIRST_N = 5
 REPORT_DIR = "preflight"
 
 #: problem kinds beyond the record rules: ``undecodable`` (full mode), ``unprocessable``
-#: (LLaVA's preprocess raised), ``fully_truncated`` (no supervised token left)
-ALL_KINDS = (*PROBLEM_KINDS, "undecodable", "unprocessable", "fully_truncated")
+#: (LLaVA's preprocess raised), ``no_supervised_tokens`` (LLaVA's preprocess masks every label:
+#: a tokenization mismatch, or no answer text), ``fully_truncated`` (no supervised token left
+#: within ``--model_max_length``)
+ALL_KINDS = (*PROBLEM_KINDS, "undecodable", "unprocessable", "no_supervised_tokens", "fully_truncated")
+#: what LLaVA's ``preprocess_v1`` / ``_mpt`` / ``_llama_2`` print before masking a whole record
+MISMATCH = re.compile(r"WARNING: tokenization mismatch: (\d+) vs\. (\d+)")
 
 
 class PreflightFailed(Refusal):
@@ -218,12 +225,45 @@ def supervised_span(input_ids, labels, image_tokens: int) -> tuple[int, Optional
     return position, first
 
 
+def preprocessed(record, tokenizer, mm_args, llava_train) -> tuple[dict, str]:
+    """LLaVA's ``preprocess`` of one record as its dataset runs it, and what it printed (its mismatch warning)."""
+    has_image = "image" in record
+    sources = [copy.deepcopy(record["conversations"])]
+    if has_image:
+        sources = llava_train.preprocess_multimodal(sources, mm_args)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        data = llava_train.preprocess(sources, tokenizer, has_image=has_image)
+    return data, printed.getvalue()
+
+
+def untruncated_first(record, tokenizer, mm_args, llava_train) -> Optional[int]:
+    """Position of a text-only record's first supervised token when its turns are not cut (LLaVA's preprocess
+    cuts text-only records at ``model_max_length`` before it masks the turns)."""
+    from transformers.utils import logging as hf_logging
+
+    limit, verbosity = tokenizer.model_max_length, hf_logging.get_verbosity()
+    tokenizer.model_max_length = 1 << 30
+    hf_logging.set_verbosity_error()  # the tokenizer's "longer than the maximum" notice: the point here
+    try:
+        data, _ = preprocessed(record, tokenizer, mm_args, llava_train)
+    finally:
+        tokenizer.model_max_length = limit
+        hf_logging.set_verbosity(verbosity)
+    return supervised_span(data["input_ids"][0], data["labels"][0], 1)[1]
+
+
 def check_tokens(records: list, model_args, data_args, training_args, report: PreflightReport, *,
                  sample: Optional[int], progress: bool = False) -> None:
     """Run LLaVA's ``preprocess`` on (a sample of) the good records, as its dataset will.
 
-    Records whose supervised tokens all lie beyond ``--model_max_length`` once the image
-    is spliced in are counted as ``fully_truncated`` (not dropped: LLaVA trains on them as
+    A record whose labels LLaVA's preprocess masks entirely is ``no_supervised_tokens``
+    (unusable): a tokenization mismatch between the ``--version`` template and the tokenizer
+    (LLaVA prints ``WARNING: tokenization mismatch`` and trains on it as a no-op), or no
+    answer text; if every checked record has a mismatch, the run is refused with
+    ``--version`` as the fix. Records whose supervised tokens all lie beyond
+    ``--model_max_length`` (once the image is spliced in; a text-only record's turns cut by
+    the tokenizer) are counted as ``fully_truncated`` (not dropped: LLaVA trains on them as
     a no-op); if every checked record is, the run is refused with the length that fixes it.
     """
     image_tokens = image_token_count(model_args)
@@ -246,16 +286,14 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
     limit = training_args.model_max_length
     saved = conversation_lib.default_conversation
     conversation_lib.default_conversation = template  # what train() sets; put back below
-    lengths, needed, truncated = [], [], 0
+    separator = template.sep2 or template.sep
+    lengths, needed, truncated, mismatched = [], [], 0, 0
     try:
         for index in _progress(good, len(good), "pre-flight: tokens", progress):
             record = records[index]
             has_image = "image" in record
             try:
-                sources = [copy.deepcopy(record["conversations"])]
-                if has_image:
-                    sources = llava_train.preprocess_multimodal(sources, mm_args)
-                data = llava_train.preprocess(sources, tokenizer, has_image=has_image)
+                data, printed = preprocessed(record, tokenizer, mm_args, llava_train)
             except Exception as error:  # noqa: BLE001 - LLaVA's own preprocess refusing is the finding
                 report.add("unprocessable", index, record,
                            f"LLaVA's preprocess fails: {type(error).__name__}: {error}")
@@ -263,25 +301,41 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
             length, first = supervised_span(data["input_ids"][0], data["labels"][0],
                                             image_tokens if has_image else 1)
             lengths.append(length)
+            mismatch = MISMATCH.search(printed)
+            if first is None and not has_image and not mismatch and len(data["input_ids"][0]) >= limit:
+                first = untruncated_first(record, tokenizer, mm_args, llava_train)  # its answer was cut off
             if first is None:
-                continue  # nothing supervised at any length: LLaVA's own template choice
+                mismatched += bool(mismatch)
+                cause = (f"LLaVA's preprocess masks every label ('tokenization mismatch: {mismatch[1]} vs. "
+                         f"{mismatch[2]}'): the --version {version} template does not tokenize like this "
+                         f"tokenizer, or the text holds its separator {separator!r}" if mismatch else
+                         "LLaVA's preprocess leaves no token to learn from (no answer text)")
+                report.add("no_supervised_tokens", index, record, cause)
+                continue
             needed.append(first + 1)
             if first >= limit:
                 truncated += 1
                 report.add("fully_truncated", index, record,
-                           f"first supervised token at position {first} >= --model_max_length {limit}",
-                           fatal=False)
+                           f"first supervised token at position {first} >= --model_max_length {limit} "
+                           f"(--model_max_length >= {first + 1} keeps it)", fatal=False)
     finally:
         conversation_lib.default_conversation = saved
     lengths.sort()
     report.tokens = {
         "checked": len(lengths), "image_tokens": image_tokens, "model_max_length": limit,
-        "fully_truncated": truncated, "max_length": lengths[-1] if lengths else None,
+        "fully_truncated": truncated, "no_supervised_tokens": report.counts.get("no_supervised_tokens", 0),
+        "max_length": lengths[-1] if lengths else None,
         "median_length": lengths[len(lengths) // 2] if lengths else None,
         "length_keeping_every_record_supervised": max(needed) if needed else None,
         "note": (f"{len(lengths)} records through LLaVA's preprocess; {truncated} lose every supervised token "
                  f"at --model_max_length {limit} (image = {image_tokens} tokens)"),
     }
+    if mismatched and mismatched == len(lengths):
+        raise PreflightFailed(
+            f"--version {version}: LLaVA's preprocess finds a tokenization mismatch in every checked record "
+            f"({mismatched}) and masks all of their labels, so every step would be a no-op; allowed: the template "
+            "the LLM was trained with (v1 for Vicuna-v1.5 instruction tuning, plain for projector pretraining) "
+            "and the tokenizer LLaVA-1.5 expects (tokenizers 0.15.x with transformers 4.37; `basic-llava doctor`)")
     if needed and truncated == len(needed):
         raise PreflightFailed(
             f"--model_max_length {limit}: every checked record ({truncated}) loses all of its supervised tokens "

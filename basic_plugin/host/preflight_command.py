@@ -10,22 +10,16 @@ from __future__ import annotations
 import os
 import sys
 
-from basic_plugin.host.integration import apply_plugin_host
 from basic_plugin.host.preflight import REPORT_DIR
 from basic_plugin.host.refusal import Refusal, print_refusal
+from basic_plugin.host.usage import training_parser
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--data_preflight" not in argv:
         argv += ["--data_preflight", "full"]
-    import transformers
-
-    apply_plugin_host()
-    import llava.train.train as llava_train
-
-    parser = transformers.HfArgumentParser(
-        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
+    parser = training_parser("preflight", __doc__)
     try:
         _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     except Refusal as error:

@@ -14,11 +14,17 @@ UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
 
 def explain_unknown_flags(error: ValueError) -> str:
     """LLaVA's parser only says flags were unused; say which plugin would have taken them."""
-    from basic_plugin.host.plugins import ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names
+    from basic_plugin.host.plugins import (ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names,
+                                           failed_plugins)
 
     blocked = sorted(blocked_names() & set(available_entry_points()))
+    failed = failed_plugins()
     hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
-            "while they are blocked." if blocked else " No installed plugin defines them (see `basic-llava doctor`).")
+            "while they are blocked." if blocked else "")
+    if failed:
+        hint += f" Plugins that failed to load (see the warning above): {', '.join(failed)}."
+    if not hint:
+        hint = " No installed plugin defines them (see `basic-llava doctor`)."
     return f"unknown training flags: {error}.{hint}"
 
 

@@ -3,12 +3,15 @@
 :class:`PluginTrainerMixin` goes in front of LLaVA's ``LLaVATrainer`` (as
 :class:`basic_plugin.host.forward.PluginForwardMixin` goes in front of its model classes):
 :func:`plugin_trainer_class` builds that subclass (a class already hosted is returned as
-it is). With no objective for the run, every method below defers to LLaVA's own (the one
-exception, kept for every run: empty optimizer groups are dropped, a fix for LoRA with
-``--mm_projector_lr`` under DeepSpeed).
+it is). With no objective for the run, every method below defers to LLaVA's own (the
+exceptions, kept for every run through the host, are two LoRA fixes under DeepSpeed: empty
+optimizer groups are dropped (``--mm_projector_lr``), and a resume loads the module state
+non-strictly, :func:`lora_resume_under_deepspeed`).
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +25,37 @@ from basic_plugin.host.progress import progress_callback
 from basic_plugin.host.refusal import RunStopped
 
 logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def lora_resume_under_deepspeed(trainer):
+    """Inside the block, a DeepSpeed resume of a PEFT (LoRA) model loads its module state non-strictly.
+
+    transformers 4.37 resumes with DeepSpeed's strict ``load_checkpoint``, but a LoRA run's
+    DeepSpeed checkpoint holds the trainable weights only (LoRA, projector), so every LoRA
+    resume fails with "Missing key(s) ... base_layer.weight" (LLaVA issue #1200). The frozen
+    weights are the ones just loaded from ``--model_name_or_path``; later transformers load
+    PEFT models exactly so (``load_module_strict=False``).
+    """
+    import transformers.trainer as hf_trainer
+
+    original = hf_trainer.deepspeed_load_checkpoint
+    if not hf_trainer._is_peft_model(trainer.model):
+        yield
+        return
+
+    def deepspeed_load_checkpoint(engine, checkpoint_path, *args, **kwargs):
+        engine.load_checkpoint = functools.partial(type(engine).load_checkpoint, engine, load_module_strict=False)
+        try:
+            return original(engine, checkpoint_path, *args, **kwargs)
+        finally:
+            del engine.load_checkpoint
+
+    hf_trainer.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+    try:
+        yield
+    finally:
+        hf_trainer.deepspeed_load_checkpoint = original
 
 
 def llava_model_of(model):
@@ -150,7 +184,8 @@ class PluginTrainerMixin:
                 self.control.should_save = self.control.should_training_stop = True
 
     def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+        with lora_resume_under_deepspeed(self):
+            result = super().train(*args, **kwargs)
         if self.plugin_stop_reason:
             step = self.state.global_step
             saved = os.path.join(self.args.output_dir, f"checkpoint-{step}")

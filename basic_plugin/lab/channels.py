@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from basic_plugin.host.refusal import print_refusal
+from basic_plugin.host.usage import CommandParser
 
 TOP = 5
 SINK_RATIO = 10.0
@@ -176,9 +177,9 @@ def initial_llava(llm: str, vision_tower: str):
     import torch
     from transformers import AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -210,8 +211,8 @@ def image_report(model, tokenizer, processor, files, depth: int, dropped: Sequen
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="basic-llava channels", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser("channels", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--llm", required=True, help="the LLM folder (a Hugging Face Llama/Mistral checkpoint)")
     p.add_argument("--depth", type=int, default=None, help="target depth k (default: half the LLM's layers)")
     p.add_argument("--drop", default="auto", help="what --basic_drop_channels would get: auto (default) or N")
@@ -219,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", default=[], help="stage-1 run folders (mm_projector.bin): their image tokens")
     p.add_argument("--vision-tower", default=None, help="a vision tower: image tokens of LLaVA's initial projector")
     p.add_argument("--images", nargs="+", default=[], help="image files or folders (with --runs or --vision-tower)")
-    p.add_argument("--max-images", type=int, default=30)
+    p.add_argument("--max-images", type=int, default=30, help="images read at most (default 30)")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--plot", default="channels.png", help="the figure (default channels.png; '' for none)")
     return p
@@ -283,9 +284,9 @@ def _llm_only(llm: Path):
     import torch
     from transformers import AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
     from transformers.utils import logging as hf_logging
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from basic_plugin.host.refusal import print_refusal
+from basic_plugin.host.usage import CommandParser
 
 LENGTHS = (100, 200, 300, 400)
 THRESHOLD = 0.30
@@ -61,8 +62,8 @@ def confirm_length(curve: Dict[int, List[float]], real_runs, threshold: float = 
 def build_parser() -> argparse.ArgumentParser:
     from basic_plugin.lab.sweep import add_workspace_options
 
-    p = argparse.ArgumentParser(prog="basic-llava length", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser("length", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_workspace_options(p)
     p.add_argument("--lengths", default=",".join(map(str, LENGTHS)),
                    help="comma-separated training lengths in steps, each a multiple of --save-every "

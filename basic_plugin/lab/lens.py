@@ -40,15 +40,15 @@ Usage::
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 from basic_plugin.basic.target import default_depth
+from basic_plugin.host.refusal import print_refusal
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.argv import strip_separator
 
 #: English function words that never count as meaningful (lower case).
@@ -185,9 +185,9 @@ def load_llava(model_path, model_base=None, *, device: str = "cpu", dtype: str =
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from basic_plugin.host.integration import apply_plugin_host
+    from basic_plugin.lab.towers import apply_lab_host
 
-    apply_plugin_host()
+    apply_lab_host()
     from llava.model import LlavaLlamaForCausalLM
 
     cls = model_class or LlavaLlamaForCausalLM
@@ -327,25 +327,32 @@ def format_layer_table(results: Dict[str, dict]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="basic-llava lens", description=__doc__.splitlines()[0])
+    parser = CommandParser("lens", description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", required=True, help="LLaVA checkpoint folder (or projector-only run with --model-base)")
     parser.add_argument("--model-base", default=None, help="base LLM folder, for projector-only checkpoints")
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders")
     parser.add_argument("--max-images", type=int, default=30, help="the paper used 30 images (default 30)")
     parser.add_argument("--out", default="runs/lens", help="folder for lens.json and lens.png")
     parser.add_argument("--prefix-text", default="", help="text before the image (e.g. the chat system prompt)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                        help="the dtype the model runs in (default float32)")
+    parser.add_argument("--batch", type=int, default=8, help="images per forward pass (default 8)")
     parser.add_argument("--label", default=None, help="name of this model in the plot")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(strip_separator(argv))
+    for flag, path, what in (("--model-path", args.model_path, "a LLaVA checkpoint folder, or a projector-only run "
+                                                               "with --model-base"),
+                             ("--model-base", args.model_base, "the base LLM's folder"),
+                             *(("--images", image, "image files and/or folders") for image in args.images)):
+        if path is not None and not Path(path).exists():
+            return print_refusal(f"{flag} {path}: no such file or folder; allowed: {what}")
 
     start = time.perf_counter()
     files = load_images(args.images, args.max_images)
     if not files:
-        print("basic-llava lens: no images found", file=sys.stderr)
-        return 2
+        return print_refusal(f"--images {' '.join(args.images)}: no image found there; allowed: image files and/or "
+                             "folders holding them")
     tokenizer, model, processor = load_llava(args.model_path, args.model_base, device=args.device, dtype=args.dtype)
     summary = run_lens(model, tokenizer, processor, files, batch=args.batch, prefix_text=args.prefix_text,
                        progress=not args.quiet)

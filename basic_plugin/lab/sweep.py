@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from basic_plugin.host.refusal import print_refusal
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.demo.run import DEFAULTS as DEMO
 
 MONITOR_FLAGS = ["--basic_lambda_das", "0", "--basic_lambda_sds", "0"]
@@ -183,9 +184,9 @@ def evaluate_run(ws: Workspace, model_dir: Path, split: str) -> dict:
     if not (model_dir / "config.json").is_file():  # an adapter checkpoint: the run's config
         shutil.copy(model_dir.parent / "config.json", model_dir / "config.json")
     with _eval_lock:  # model loading patches process-wide state: one at a time, scoring in parallel
-        from basic_plugin.host.integration import apply_plugin_host
+        from basic_plugin.lab.towers import apply_lab_host
 
-        apply_plugin_host()
+        apply_lab_host()
     result = evaluate_model(model_dir, ws.paths["lm"], ws.data, captions=demo_data.class_captions(),
                             n_test=ws.cfg[split], n_lens=0, n_caption_test=0, progress=False, split=split)
     path.write_text(json.dumps(result))
@@ -275,8 +276,8 @@ def step_curves(log_history: Sequence[dict], key: str):
 
 # -- the command --------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="basic-llava sweep", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser("sweep", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     add_workspace_options(p)
     p.add_argument("--configs", default=",".join(GRID),
                    help=f"comma-separated configurations (default {','.join(GRID)}; all: {','.join(CONFIGS)})")

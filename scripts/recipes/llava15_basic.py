@@ -21,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -74,8 +75,10 @@ KNOWN_BENCHMARKS = ("gqa", "llavabench", "mmbench", "mmbench_cn", "mme", "mmvet"
                     "sqa", "textvqa", "vizwiz", "vqav2")
 #: Scripts that split the questions over the GPUs in CUDA_VISIBLE_DEVICES; the others use one GPU.
 CHUNKED_BENCHMARKS = ("gqa", "seed", "vqav2")
-#: The model id every LLaVA eval script loads; the eval workspace links it to our checkpoint.
+#: The model id every LLaVA eval script loads, and the name its outputs carry (for 7B and 13B alike): the
+#: eval workspace's copies of the scripts name the evaluated checkpoint instead (rewrite_eval_script).
 EVAL_MODEL_ID = "liuhaotian/llava-v1.5-13b"
+EVAL_MODEL_NAME = "llava-v1.5-13b"
 #: Outputs the eval scripts write inside playground/data/eval/<bench>/: made fresh, never linked.
 EVAL_OUTPUT_DIRS = ("answers", "answers_upload", "results", "reviews")
 EVAL_OUTPUT_FILES = ("testdev_balanced_predictions.json",)
@@ -226,11 +229,12 @@ def eval_steps(args, stages) -> List[Step]:
     steps.append(Step("eval", "workspace", [
         sys.executable, str(Path(__file__).resolve()), "--make-eval-workspace",
         "--llava-dir", llava_dir, "--eval-workdir", workdir, "--eval-checkpoint", str(Path(checkpoint).resolve())],
-        note=(f"eval workspace {workdir}: {EVAL_MODEL_ID} -> checkpoint, scripts/ and llava/ -> "
-              f"$LLAVA_DIR, playground/data/eval mirrored with inputs linked and outputs local")))
+        note=(f"eval workspace {workdir}: LLaVA's scripts/v1_5/eval/*.sh with {EVAL_MODEL_ID} and "
+              f"{EVAL_MODEL_NAME} replaced by the checkpoint ({eval_name(checkpoint)}), the rest of scripts/ and "
+              f"llava/ -> $LLAVA_DIR, playground/data/eval mirrored with inputs linked and outputs local")))
     gpus = args.eval_gpus or ",".join(str(i) for i in range(args.num_gpus or 8))
     for bench in args.benchmarks:
-        script = str(Path(llava_dir) / "scripts" / "v1_5" / "eval" / f"{bench}.sh")
+        script = f"scripts/v1_5/eval/{bench}.sh"  # the workspace's copy, naming the checkpoint
         steps.append(Step("eval", f"eval-{bench}", ["bash", script], cwd=workdir,
                           env={"CUDA_VISIBLE_DEVICES": gpus if bench in CHUNKED_BENCHMARKS else gpus.split(",")[0]}))
     return steps
@@ -258,15 +262,35 @@ def plan(args) -> List[Step]:
 
 # --------------------------------------------------------------------------- eval workspace
 
+def eval_name(checkpoint) -> str:
+    """The name a checkpoint's eval outputs carry: its folder's name (``checkpoint-N`` with its run's, as LLaVA's
+    ``get_model_name_from_path`` does), in characters a script can hold unquoted."""
+    path = Path(str(checkpoint).rstrip("/"))
+    name = f"{path.parent.name}_{path.name}" if path.name.startswith("checkpoint-") else path.name
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def rewrite_eval_script(text: str, checkpoint) -> str:
+    """One of LLaVA's ``scripts/v1_5/eval/*.sh`` for ``checkpoint``: its model id (``liuhaotian/llava-v1.5-13b``)
+    becomes the checkpoint's path and every other ``llava-v1.5-13b`` (answer files, ``CKPT``, experiment
+    names) its name, in one pass (a path that itself holds ``llava-v1.5-13b`` is not rewritten twice).
+    Nothing else changes. The same as INTEGRATION.md's ``sed`` command."""
+    path, name = shlex.quote(str(checkpoint)), eval_name(checkpoint)
+    pattern = re.escape(EVAL_MODEL_ID) + "|" + re.escape(EVAL_MODEL_NAME)
+    return re.sub(pattern, lambda m: path if m.group(0) == EVAL_MODEL_ID else name, text)
+
+
 def make_eval_workspace(llava_dir: Path, workdir: Path, checkpoint: Path) -> None:
-    """Lay out a folder where LLaVA's unchanged eval scripts evaluate ``checkpoint``.
+    """Lay out a folder where LLaVA's eval scripts evaluate ``checkpoint`` under its own name.
 
     The scripts run ``python -m llava.eval.* --model-path liuhaotian/llava-v1.5-13b`` on
-    ``./playground/data/eval/...`` and call ``scripts/*.py`` and ``llava/eval/*.py``: here the
-    model id is a link to the checkpoint (a local folder wins over the hub), scripts/ and
-    llava/ link to the checkout, and playground/data/eval mirrors the checkout's: folders the
-    scripts write into are real, inputs are links, outputs (answers, uploads, results) stay
-    in the workspace and never overwrite the checkout's.
+    ``./playground/data/eval/...``, name their outputs ``llava-v1.5-13b`` and call
+    ``scripts/*.py`` and ``llava/eval/*.py``: here ``scripts/v1_5/eval/*.sh`` are copies with
+    the model id and name replaced by the checkpoint's (:func:`rewrite_eval_script`; a 7B
+    model's answers are never labelled 13B), the rest of scripts/ and llava/ link to the
+    checkout, and playground/data/eval mirrors the checkout's: folders the scripts write into
+    are real, inputs are links, outputs (answers, uploads, results) stay in the workspace and
+    never overwrite the checkout's.
     """
     src_eval = llava_dir / "playground" / "data" / "eval"
     if not src_eval.is_dir():
@@ -284,8 +308,18 @@ def make_eval_workspace(llava_dir: Path, workdir: Path, checkpoint: Path) -> Non
         at.parent.mkdir(parents=True, exist_ok=True)
         at.symlink_to(target)
 
-    link(checkpoint, workdir / EVAL_MODEL_ID)
-    link(llava_dir / "scripts", workdir / "scripts")
+    if (workdir / "scripts").is_symlink():  # a workspace laid out by an earlier version: scripts/ was one link
+        (workdir / "scripts").unlink()
+    for entry in sorted((llava_dir / "scripts").iterdir()):
+        if entry.name != "v1_5":
+            link(entry, workdir / "scripts" / entry.name)
+    for entry in sorted((llava_dir / "scripts" / "v1_5").iterdir()):
+        if entry.name != "eval":
+            link(entry, workdir / "scripts" / "v1_5" / entry.name)
+    scripts = workdir / "scripts" / "v1_5" / "eval"
+    scripts.mkdir(parents=True, exist_ok=True)
+    for script in sorted((llava_dir / "scripts" / "v1_5" / "eval").glob("*.sh")):
+        (scripts / script.name).write_text(rewrite_eval_script(script.read_text(), checkpoint))
     link(llava_dir / "llava", workdir / "llava")
 
     def mirror(src: Path, dst: Path, rel: str) -> None:

@@ -48,7 +48,6 @@ Command line: ``python -m basic_plugin.lab.assets.install [--cache-dir DIR] [--f
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -58,6 +57,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.assets import catalog
 from basic_plugin.lab.assets.cache import (CACHE_ENV, archive_problems, asset_paths, asset_problems, file_record,
                                            find_archive, folder_records, locked, read_manifest, resolve_cache,
@@ -226,7 +226,7 @@ def verify_assets(cache_dir=None, *, rebuild: bool = True, progress: bool = Fals
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = CommandParser("assets", description=__doc__.splitlines()[0])
     parser.add_argument("--cache-dir", default=None, help=f"default: ${CACHE_ENV} or ~/.cache/basic-llava/assets")
     parser.add_argument("--force", action="store_true", help="rebuild every result")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

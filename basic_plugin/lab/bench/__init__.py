@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.bench.flops import reference_flop_rows
 from basic_plugin.lab.bench.loss_memory import LAMBDA_SDS, measure_loss_cases
 from basic_plugin.lab.bench.machine import loadavg, machine_info
@@ -43,8 +44,8 @@ def _parse_ints(text: str) -> List[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="basic-llava bench",
+    p = CommandParser(
+        "bench",
         description="BASIC's memory and time cost, naive vs chunked loss and whole training steps "
                     "(see docs/PERFORMANCE.md).")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i] (default cpu)")

@@ -39,9 +39,9 @@ def _plugin_vision_towers():
     import llava.model.llava_arch as arch
 
     from basic_plugin.host.integration import plugin_vision_tower_builder
-    from basic_plugin.host.plugins import load_plugins
+    from basic_plugin.lab.towers import register_lab_plugins
 
-    load_plugins()
+    register_lab_plugins()
     original = arch.build_vision_tower
     if hasattr(original, "_llava_plugin_original"):  # the plugin host is applied already
         yield

@@ -22,7 +22,6 @@ A second call with the same arguments finds ``meta.json`` unchanged and does not
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import importlib.util
 import json
@@ -33,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.argv import strip_separator
 
 FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -305,13 +305,13 @@ def build_dataset(out, *, train: int = 800, test: int = 500, size: int = 112, se
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="basic-llava data", description=__doc__.splitlines()[0])
+    parser = CommandParser("data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/demo/data", help="output folder (default: runs/demo/data)")
     parser.add_argument("--train", type=int, default=800, help="training images from the official train split")
     parser.add_argument("--test", type=int, default=500, help="held-out images from the official test split")
     parser.add_argument("--size", type=int, default=112, help="image side in pixels (the tower's input size)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fmnist-dir", default=FMNIST_DIR)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the image draw (default 0)")
+    parser.add_argument("--fmnist-dir", default=FMNIST_DIR, help=f"the Fashion-MNIST files (default {FMNIST_DIR})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(strip_separator(argv))
     if not fmnist_available(args.fmnist_dir):

@@ -20,7 +20,7 @@ Steps (each with a progress bar):
 2. data: ``basic-llava data`` (Fashion-MNIST captions for training, a held-out test split,
    packaged photos);
 3. LLaVA stage-1 projector pretraining of every arm through LLaVA's own ``train()``
-   (``python -m basic_plugin.train`` under DeepSpeed's launcher, ZeRO-2, 1 rank, ``plain``
+   (``python -m basic_plugin.lab.train`` under DeepSpeed's launcher, ZeRO-2, 1 rank, ``plain``
    template, ``--tune_mm_mlp_adapter True``), up to one arm per core at once;
 4. evaluation of every arm (:mod:`basic_plugin.lab.demo.evaluate`): 10-way zero-shot accuracy
    (raw and calibrated) on held-out images with 95% Wilson intervals and a paired McNemar test
@@ -51,6 +51,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from basic_plugin.host.usage import CommandParser
 from basic_plugin.lab.argv import strip_separator
 from basic_plugin.lab.demo import selected
 
@@ -91,7 +92,7 @@ def run_training(args: Sequence[str], out_dir: Path, steps: int, *, deepspeed: b
             bar.set_postfix_str(f"lm_loss {record['lm_loss']:.3f}")
 
     try:
-        run = launch.run("basic_plugin.train", args, output_dir=out_dir, ranks=1 if deepspeed else None,
+        run = launch.run("basic_plugin.lab.train", args, output_dir=out_dir, ranks=1 if deepspeed else None,
                          threads=threads, timeout=timeout, log_path=out_dir / "train.log",
                          command_file=out_dir / "command.txt", on_progress=show)
     finally:
@@ -205,8 +206,8 @@ def evaluate_arms(kwargs: Dict[str, dict], *, workers: int, threads: int, progre
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="basic-llava demo", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p = CommandParser("demo", description=__doc__.splitlines()[0],
+                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per run (default {DEFAULTS['steps']})")
     p.add_argument("--batch", type=int, default=None, help=f"per-step batch (default {DEFAULTS['batch']})")
