@@ -401,5 +401,5 @@ def test_the_loss_functions_and_the_guard_default_to_the_flags_defaults():
             flags.basic_sds_chunk_size) == (1.0, 0.01, 1.0, "forward", 256)
     assert inspect.signature(image_attention_mass).parameters["query_chunk"].default == flags.basic_query_chunk
     guard = Guard()
-    assert (guard.mode, guard.window, guard.collapse, guard.share) == ("warn", 5, 0.9, 0.5)
+    assert (guard.mode, guard.window, guard.collapse, guard.share) == ("warn", 5, 0.9, 0.75)
     assert vars(Guard.from_flags(flags)) == vars(guard)

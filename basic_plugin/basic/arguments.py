@@ -62,8 +62,9 @@ class BasicArguments:
     basic_guard_window: int = field(default=5, metadata={"help": "Logging steps the guard averages over."})
     basic_guard_collapse: float = field(default=0.9, metadata={
         "help": "Guard threshold on the mean pairwise cosine of an image's projector tokens."})
-    basic_guard_share: float = field(default=0.5, metadata={
-        "help": "Guard threshold on BASIC's share of the loss, (das + sds) / total."})
+    basic_guard_share: float = field(default=0.75, metadata={
+        "help": "Guard threshold on BASIC's share of the loss, (das + sds) / total (0.75: the terms weigh 3x the "
+                "caption loss)."})
 
 
 def flag_default(flag: str):
