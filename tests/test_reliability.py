@@ -203,7 +203,7 @@ def test_one_rank_with_images_one_without_never_hangs(tiny_llava, tmp_path, zero
                            extra=["--basic", "True", "--group_by_modality_length", "False"])
     run = run_training(HOST, args, output_dir=out, deepspeed_ranks=2, timeout=240)  # the watchdog
     assert all_finite(run["losses"]) and len(run["losses"]) == 2
-    assert sum(e["basic_image_samples"] for e in run["log_history"] if "loss" in e) > 0
+    assert sum(e.get("basic_image_samples", 0) for e in run["log_history"] if "loss" in e) > 0  # absent: no image
 
 
 # ---------------------------------------------------------------- 4. resume

@@ -119,7 +119,11 @@ class PluginForwardMixin:
         logged = {"lm_loss": lm_loss.detach(),
                   **{k: (v.detach() if terms_finite else torch.zeros_like(v.detach())) for k, v in terms.items()}}
         binding.last_step = StepRecord(terms=logged, skipped=skipped, lm_finite=lm_finite)
-        binding.accumulator.add({**logged, **metrics})
+        # the plugins' values count only for a batch with image rows whose terms were kept (a text-only
+        # batch's zeros would dilute them); lm_loss counts for every batch
+        plugin_values = {k: v for k, v in logged.items() if k != "lm_loss"}
+        binding.accumulator.add({"lm_loss": logged["lm_loss"]}, {**plugin_values, **metrics},
+                                counted=positions.num_rows > 0 and skipped is None)
         return total
 
 
