@@ -177,3 +177,100 @@ def test_preflight_command_checks_a_dataset_without_loading_a_model(tiny_llava, 
     good = command(*tiny_data_plain, tmp_path / "b")
     assert good.returncode == 0 and "pre-flight passed" in good.stdout, good.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["preflight"]
+
+
+# ---------------------------------------------------------------- parity with LLaVA's own dataset
+def _turns(*pairs):
+    return [{"from": who, "value": text} for who, text in pairs]
+
+
+H, G = "human", "gpt"
+#: (template, record shape) - LLaVA's own record shapes (LCS-558K, mix665k's image and ShareGPT
+#: text-only records, multi-turn) and the ways a record can go wrong
+PARITY = {
+    "plain caption (LCS-558K)": ("plain", {"id": "0", "image": "a.png", "conversations": _turns((H, "<image>\nRender a caption."), (G, "a cat"))}),
+    "plain without id": ("plain", {"image": "a.png", "conversations": _turns((H, "Describe.\n<image>"), (G, "a cat"))}),
+    "plain roles swapped, tag first": ("plain", {"image": "a.png", "conversations": _turns((G, "<image>"), (H, "a cat"))}),
+    "plain reversed (caption first)": ("plain", {"image": "a.png", "conversations": _turns((G, "a cat"), (H, "<image>\nq"))}),
+    "plain three turns": ("plain", {"image": "a.png", "conversations": _turns((H, "<image>"), (G, "a"), (H, "b"))}),
+    "plain text-only": ("plain", {"conversations": _turns((H, "hello"), (G, "a cat"))}),
+    "plain tag in the caption": ("plain", {"image": "a.png", "conversations": _turns((H, "<image>"), (G, "a <image> cat"))}),
+    "v1 one image, multi-turn (mix665k)": ("v1", {"id": "000000033471", "image": "a.png", "conversations": _turns(
+        (H, "<image>\nWhat are the colors of the bus?"), (G, "White and red."), (H, "What feature can be seen?"),
+        (G, "A bicycle rack."))}),
+    "v1 tag after the question": ("v1", {"image": "a.png", "conversations": _turns((H, "What is it?\n<image>"), (G, "A cat."))}),
+    "v1 text-only ShareGPT": ("v1", {"id": "i6IyJda_0", "model": "", "conversations": _turns(
+        (H, "How to make a cake?"), (G, "Mix flour and eggs."), (H, "And then?"), (G, "Bake it."))}),
+    "v1 without id": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\nq"), (G, "a"))}),
+    "v1 ShareGPT starting with gpt": ("v1", {"conversations": _turns((G, "Hi!"), (H, "How are you?"), (G, "Fine."))}),
+    "v1 leading gpt turn, tag after it": ("v1", {"image": "a.png", "conversations": _turns((G, "Hi"), (H, "<image>\nq"), (G, "a"))}),
+    "v1 leading gpt turn holds the tag": ("v1", {"image": "a.png", "conversations": _turns((G, "<image>\nHi"), (H, "q"), (G, "a"))}),
+    "v1 two tags in one turn": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\n<image>\nq"), (G, "a"))}),
+    "v1 tags in two turns": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\nq"), (G, "a"), (H, "<image>\nq"), (G, "b"))}),
+    "v1 image without a tag": ("v1", {"image": "a.png", "conversations": _turns((H, "q"), (G, "a"))}),
+    "v1 tag without an image": ("v1", {"conversations": _turns((H, "<image>\nq"), (G, "a"))}),
+    "v1 unknown role": ("v1", {"conversations": _turns((H, "q"), ("system", "x"), (G, "a"))}),
+    "v1 two human turns in a row": ("v1", {"conversations": _turns((H, "q"), (H, "q2"), (G, "a"))}),
+    "v1 no conversations": ("v1", {"id": "x", "image": "a.png"}),
+    "v1 empty conversations": ("v1", {"conversations": []}),
+    "v1 value not a string": ("v1", {"conversations": [{"from": H, "value": None}, {"from": G, "value": "a"}]}),
+    "v1 two images": ("v1", {"image": ["a.png", "a.png"], "conversations": _turns((H, "<image>\n<image>\nq"), (G, "a"))}),
+    "v1 lone surrogate": ("v1", {"conversations": _turns((H, "q \ud83d"), (G, "a"))}),
+}
+
+
+def llava_verdict(tiny_llava, folder, template, record, tmp_path):
+    """What LLaVA's own LazySupervisedDataset does with the record: None when it trains on it as the record says,
+    else why not (it crashes, or the image is not the record's one image, or the tag is read as text)."""
+    from types import SimpleNamespace
+
+    import llava.conversation as conversation_lib
+    import transformers
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.train.train import LazySupervisedDataset
+
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([record]))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llava["lm"], model_max_length=512,
+                                                           padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    data_args = SimpleNamespace(image_folder=str(folder), image_aspect_ratio="pad", is_multimodal=True,
+                                mm_use_im_start_end=False,
+                                image_processor=transformers.CLIPImageProcessor.from_pretrained(tiny_llava["vision"]))
+    saved = conversation_lib.default_conversation
+    conversation_lib.default_conversation = conversation_lib.conv_templates[template]
+    try:
+        dataset = LazySupervisedDataset(str(path), tokenizer, data_args)
+        dataset.modality_lengths, dataset.lengths  # what --group_by_modality_length reads
+        ids = dataset[0]["input_ids"]
+    except Exception as error:  # noqa: BLE001 - a crash is the finding
+        return f"crash: {type(error).__name__}"
+    finally:
+        conversation_lib.default_conversation = saved
+    images = int((ids == IMAGE_TOKEN_INDEX).sum())
+    if "image" in record and images != 1:
+        return f"{images} image placeholders for the record's one image"
+    if "image" not in record and images:
+        return "a blank image spliced in"
+    if "<image>" in tokenizer.decode(ids[ids >= 0]):
+        return "the tag read as text"
+    return None
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_preflight_accepts_what_llava_trains_on_and_refuses_the_rest(tiny_llava, tmp_path, name):
+    import random
+
+    from basic_plugin.host.preflight import training_template
+    from basic_plugin.host.records import normalised_folder, record_problem, turn_style
+    from basic_plugin.lab.tiny import _random_png
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _random_png(folder / "a.png", random.Random(0))
+    template, record = PARITY[name]
+    if "id" not in name:
+        record = {"id": name, **record}  # records carry an id, except where its absence is the point
+    llava = llava_verdict(tiny_llava, folder, template, record, tmp_path)
+    ours = record_problem(record, normalised_folder(folder), style=turn_style(training_template(template)))
+    assert (ours is None) == (llava is None), (name, llava, ours)

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
+from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem, turn_style
 from basic_plugin.host.refusal import Refusal
 
 #: records whose token counts the ``fast`` mode checks (evenly spaced over the file)
@@ -114,12 +114,21 @@ def load_data(data_path: str) -> list:
     return records
 
 
-def check_records(records: list, image_folder: Optional[str], report: PreflightReport, *,
+def training_template(version: Optional[str]):
+    """The conversation template LLaVA's ``train()`` trains with for ``--version`` (``v0`` and ``v0.5``
+    keep the module's default, Vicuna v1; an unknown name falls back to it too)."""
+    import llava.conversation as conversation_lib
+
+    templates = conversation_lib.conv_templates
+    return templates["vicuna_v1"] if version in (None, "v0", "v0.5") else templates.get(version, templates["vicuna_v1"])
+
+
+def check_records(records: list, image_folder: Optional[str], report: PreflightReport, *, style: str = "chat",
                   progress: bool = False) -> None:
-    """The record rules, for every record (``fast`` and ``full``)."""
+    """The record rules, for every record (``fast`` and ``full``), as LLaVA's template ``style`` reads them."""
     folder = normalised_folder(image_folder)
     for index, record in enumerate(_progress(records, len(records), "pre-flight: records", progress)):
-        problem = record_problem(record, folder)
+        problem = record_problem(record, folder, style=style)
         if problem is not None:
             report.add(problem[0], index, record, problem[1])
 
@@ -238,8 +247,7 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
         step = len(good) / sample
         good = [good[int(k * step)] for k in range(sample)]
     tokenizer = load_tokenizer(model_args, training_args)
-    version = getattr(model_args, "version", "v1")
-    template = conversation_lib.conv_templates.get(version, conversation_lib.conv_templates["vicuna_v1"])
+    template = training_template(getattr(model_args, "version", "v1"))
     mm_args = copy.copy(data_args)
     mm_args.is_multimodal = True
     mm_args.mm_use_im_start_end = getattr(model_args, "mm_use_im_start_end", False)
@@ -311,7 +319,8 @@ def preflight(model_args, data_args, training_args, mode: str, *, progress: bool
     if folder is None and any(isinstance(r, dict) and "image" in r for r in records):
         raise PreflightFailed(f"--image_folder: not given, but records of {data_path} have images; "
                               "allowed: the folder the 'image' paths are relative to")
-    check_records(records, folder, report, progress=progress)
+    check_records(records, folder, report, style=turn_style(training_template(getattr(model_args, "version", "v1"))),
+                  progress=progress)
     if mode == "full" and folder is not None:
         workers = max(1, int(getattr(training_args, "dataloader_num_workers", 0) or 0), min(8, os.cpu_count() or 1))
         decode_images(records, folder, report, workers=workers, progress=progress)
@@ -327,12 +336,19 @@ def preflight(model_args, data_args, training_args, mode: str, *, progress: bool
 
 
 def write_json(path: str, payload) -> None:
-    """Write atomically (ranks on a shared disk may write the same file)."""
+    """Write atomically (ranks on a shared disk may write the same file); a failed write leaves nothing.
+
+    Non-ASCII characters are written as ``\\u`` escapes, so any string ``json.load`` gave (a lone
+    surrogate too) is written back as it was read."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False, indent=1 if isinstance(payload, dict) else None)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _outcome(model_args, data_args, training_args, mode: str, progress: bool) -> dict:
