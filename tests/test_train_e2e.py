@@ -197,7 +197,7 @@ def test_off_means_llavas_own_forward(tiny_llava, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,vanilla", [([], True), (["--basic", "True"], False)])
-def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tmp_path, flags, vanilla):
+def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tiny_data_plain, tmp_path, flags, vanilla):
     import subprocess
     import sys
 
@@ -210,7 +210,7 @@ def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tmp_p
     try:
         parser = transformers.HfArgumentParser(
             (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
-        args = tiny_train_args(tiny_llava, "d.json", "i", tmp_path / "o", extra=["--data_preflight", "off", *flags])
+        args = tiny_train_args(tiny_llava, *tiny_data_plain, tmp_path / "o", extra=["--data_preflight", "off", *flags])
         training_args = parser.parse_args_into_dataclasses(args)[2]
         torch.save(training_args, tmp_path / "training_args.bin")  # as the Trainer saves it: host applied
     finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from basic_plugin.host.arguments import check_command_line
 from basic_plugin.host.integration import apply_plugin_host
 from basic_plugin.host.preflight import REPORT_DIR
 from basic_plugin.host.refusal import Refusal, print_refusal
@@ -24,9 +25,10 @@ def main(argv=None) -> int:
     apply_plugin_host()
     import llava.train.train as llava_train
 
-    parser = transformers.HfArgumentParser(
-        (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
+    classes = (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments)
+    parser = transformers.HfArgumentParser(classes)
     try:
+        check_command_line(argv, classes)
         _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     except Refusal as error:
         return print_refusal(error)
