@@ -274,3 +274,87 @@ def test_preflight_accepts_what_llava_trains_on_and_refuses_the_rest(tiny_llava,
     llava = llava_verdict(tiny_llava, folder, template, record, tmp_path)
     ours = record_problem(record, normalised_folder(folder), style=turn_style(training_template(template)))
     assert (ours is None) == (llava is None), (name, llava, ours)
+
+
+# ---------------------------------------------------------------- several ranks
+def _rank_preflight(rank, world, port, paths, delay, results):
+    """One rank of a gloo group whose collectives time out after 3 s; decoding an image takes ``delay`` s."""
+    import datetime
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from basic_plugin.host import preflight as pf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    getattr(pf, "ROUND", {})["images"] = 4  # a round of 4 decodes: one all-reduce every 4 * delay s
+    real = pf._decode
+    pf._decode = lambda path: (time.sleep(delay), real(path))[1]
+    model_args = SimpleNamespace(model_name_or_path=paths["lm"], vision_tower=paths["vision"], version="plain",
+                                 mm_use_im_start_end=False, mm_vision_select_feature="patch")
+    data_args = SimpleNamespace(data_path=paths["data"], image_folder=paths["folder"], is_multimodal=False)
+    training_args = SimpleNamespace(model_max_length=512, output_dir=paths["out"], dataloader_num_workers=0,
+                                    data_preflight="full", skip_bad_records=True)
+    try:
+        outcome = pf.run_preflight(model_args, data_args, training_args, plugin_active=True)
+        result = {"bad": outcome["bad"], "ranks": outcome["report"].get("ranks")}
+    except Exception as error:  # noqa: BLE001 - a timeout is the finding
+        result = {"error": f"{type(error).__name__}: {error}"}
+    Path(results, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_full_preflight_and_never_wait_out_a_timeout(tiny_llava, bad_data, tmp_path):
+    """`full` on 2 ranks: each decodes its half of the images, in rounds with an all-reduce after each, so
+    a rank never waits for the other longer than one round; here a round (4 decodes x 0.4 s) stays under the
+    group's 3 s timeout that one rank checking all 12 images (about 5 s) alone would overrun."""
+    import torch.multiprocessing as mp
+
+    from basic_plugin.lab.launch import free_port
+
+    paths = {"lm": str(tiny_llava["lm"]), "vision": str(tiny_llava["vision"]), "data": str(bad_data["json"]),
+             "folder": str(bad_data["folder"]), "out": str(tmp_path / "run")}
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_rank_preflight, args=(2, free_port(), paths, 0.4, str(results)), nprocs=2, join=True)
+    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all("error" not in r for r in ranks), ranks
+    assert ranks[0]["bad"] == ranks[1]["bad"] == sorted(bad_data["bad_full"])
+    shares = ranks[0]["ranks"]
+    assert [s["records"] for s in shares] == [8, 8]
+    assert all(s["images_decoded"] > 0 for s in shares) and sum(s["images_decoded"] for s in shares) == 13
+    kept = json.loads((tmp_path / "run" / "preflight" / "train_data.json").read_text())
+    assert len(kept) == 12
+
+
+# ---------------------------------------------------------------- a corrupt image that `fast` let through
+@pytest.fixture
+def corrupt_image_data(tmp_path):
+    json_path, folder = write_tiny_dataset(tmp_path / "data", n=8, template="plain", seed=0)
+    records = json.loads(json_path.read_text())
+    png = folder / records[2]["image"]
+    png.write_bytes(png.read_bytes()[:80])  # present (fast passes it), undecodable
+    return json_path, folder, records[2], png
+
+
+def test_a_corrupt_image_at_load_time_is_one_line_naming_the_record(tiny_llava, corrupt_image_data, tmp_path):
+    json_path, folder, record, png = corrupt_image_data
+    out = tmp_path / "run"
+    code, output = run_refused(tiny_train_args(tiny_llava, json_path, folder, out, max_steps=4,
+                                               extra=["--basic", "True"]), out)
+    assert code == 2, output[-3000:]
+    assert "Traceback" not in output
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and f"record 2 (id {record['id']!r}): image {png} does not decode" in error[0]
+
+
+def test_a_corrupt_image_at_load_time_is_skipped_and_counted(tiny_llava, corrupt_image_data, tmp_path):
+    json_path, folder, record, png = corrupt_image_data
+    out = tmp_path / "run"
+    run = run_training(HOST, tiny_train_args(tiny_llava, json_path, folder, out, max_steps=4,
+                                             extra=["--basic", "True", "--skip_bad_records", "True"]), output_dir=out)
+    assert run["steps"] == [1, 2, 3, 4]  # one epoch: every record reached
+    assert run["output"].count(f"image {png} does not decode") == 1 and "skipped (--skip_bad_records True)" in run["output"]
+    assert run["log_history"][-2]["data_skipped_records"] == 1
