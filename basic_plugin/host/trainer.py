@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from transformers import TrainerCallback
 
 from basic_plugin.host.binding import StepRecord, bind
+from basic_plugin.host.dataset import SKIPPED_KEY
 from basic_plugin.host.forward import PluginForwardMixin
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.progress import progress_callback
@@ -67,6 +68,9 @@ class PluginTrainerMixin:
 
     def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
         dataset = kwargs.get("train_dataset")
+        if hasattr(dataset, "skip_bad_records"):  # the host's dataset: skip a record that fails to load, or name it
+            dataset.skip_bad_records = bool(getattr(args, "skip_bad_records", False))
+        self.data_skipped = 0  # records skipped at load time (--skip_bad_records), on this rank
         llava_model = llava_model_of(model) if model is not None else None
         objectives = [o for o in pm.hook.llava_objective(
             model=llava_model if llava_model is not None else model, tokenizer=tokenizer, training_args=args,
@@ -98,6 +102,7 @@ class PluginTrainerMixin:
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+        self.data_skipped += int(inputs.pop(SKIPPED_KEY, 0) or 0)  # the collator's count, not for the model
         if self.plugin_binding is not None:  # a batch the plugin path does not take leaves no stale record
             self.plugin_binding.last_step = StepRecord()
         result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
@@ -172,7 +177,22 @@ class PluginTrainerMixin:
                              f"Checkpoint saved in {saved} ({restart}).")
         return result
 
+    def _skipped_records(self) -> int:
+        """Records skipped at load time so far, over every rank (one all-reduce, on every rank alike)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.data_skipped
+        count = torch.tensor([self.data_skipped], dtype=torch.int64, device=self.args.device)
+        dist.all_reduce(count)
+        return int(count.item())
+
     def log(self, logs, *args, **kwargs):
+        if "loss" in logs and getattr(self.args, "skip_bad_records", False):
+            skipped = self._skipped_records()
+            if skipped:
+                logs["data_skipped_records"] = skipped
         if "loss" in logs and self.plugin_binding is not None:
             if self.window_steps and self.lm_nonfinite.in_window == self.window_steps:
                 logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
