@@ -117,6 +117,17 @@ def test_nonfinite_lm_loss_steps_are_logged_and_stop_with_a_restartable_folder(t
     assert run["steps"][-1] == 5 and "lm_loss_nonfinite_steps" not in run["log_history"][-2]
 
 
+def test_a_run_whose_every_step_had_a_nonfinite_lm_loss_exits_non_zero(tiny_llava, tiny_data_plain, tmp_path):
+    """Fewer steps than --plugin_max_nonfinite_steps, all NaN: it used to log train_loss 0.0 and exit 0."""
+    out = tmp_path / "run"
+    code, output = run_refused(tiny_train_args(tiny_llava, *tiny_data_plain, out, model_max_length=16, max_steps=2,
+                                               extra=["--basic", "True", "--data_preflight", "off"]), out)
+    assert code == 3, output[-3000:]
+    assert "every one of the 2 training steps had a non-finite language-model loss" in output
+    assert "'train_loss': nan" in output and "'train_loss': 0.0" not in output
+    assert not (out / "mm_projector.bin").exists()
+
+
 # ---------------------------------------------------------------- the pre-flight itself
 def test_preflight_finds_each_problem_and_full_mode_decodes(tiny_llava, bad_data, tmp_path):
     from types import SimpleNamespace

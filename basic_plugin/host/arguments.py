@@ -27,6 +27,7 @@ from typing import Callable
 
 from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.refusal import Refusal, refuse
+from basic_plugin.host.resume import check_resume
 
 CLASS_NAME = "PluginTrainingArguments"
 #: --data_preflight's values (basic_plugin.host.preflight.resolve_mode says what auto becomes)
@@ -57,6 +58,9 @@ class HostArguments:
     skip_bad_records: bool = dataclasses.field(default=False, metadata={
         "help": "When the pre-flight finds unusable records, train on the others (listed in "
                 "<output_dir>/preflight/report.json) instead of stopping."})
+    allow_changed_plugin_settings: bool = dataclasses.field(default=False, metadata={
+        "help": "Resume a checkpoint of --output_dir even when its plugin settings (plugin_settings.json next to "
+                "it) differ from this run's (refused otherwise, naming both)."})
 
 
 def plugin_argument_classes() -> list[type]:
@@ -296,6 +300,7 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
             if preflight is not None:  # a run, not a class rebuilt to unpickle one
                 path_checks(data_args, self)
+                check_resume(self, plugin_classes, active=bool(active_plugin_classes(self, plugin_classes)))
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
             refuse(error, exit_now=exit_on_refusal)
         if preflight is not None:

@@ -103,6 +103,8 @@ class Binding:
     objectives: Sequence[Objective]
     accumulator: Accumulator = field(default_factory=Accumulator)
     last_step: StepRecord = field(default_factory=StepRecord)
+    interrupt_requested: bool = False  # Ctrl-C reached this rank
+    interrupt_agreed: bool = False  # ... some rank, as every rank learnt in the same step
 
     @property
     def wants_hidden_states(self) -> bool:

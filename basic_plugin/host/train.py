@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import sys
 
-from basic_plugin.host.refusal import Refusal, RunStopped, refusals_exit
+from basic_plugin.host.refusal import Refusal, RunInterrupted, RunStopped, refusals_exit
 
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
+#: the exit status of a run ended by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 
 def main(attn_implementation: str | None = None) -> None:
     """Check the stack, install the host, run LLaVA's ``train()``; a refusal ends the process as
-    one ``error:`` line with status 2, a guard's stop with status 3."""
+    one ``error:`` line with status 2, a guard's stop with status 3, Ctrl-C with one line and status 130."""
     from basic_plugin.host.arguments import check_command_line, unknown_flags_message
     from basic_plugin.host.compat import allow_checkpoint_rng_states
     from basic_plugin.host.cpu import apply_cpu_workarounds, finish_distributed
@@ -38,7 +40,12 @@ def main(attn_implementation: str | None = None) -> None:
             raise
         except RunStopped as stop:
             print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
-            raise SystemExit(3) from None
+            raise SystemExit(INTERRUPTED if isinstance(stop, RunInterrupted) else 3) from None
+        except KeyboardInterrupt:
+            print("basic-llava: interrupted (Ctrl-C) before a checkpoint could be written; the last saved "
+                  "checkpoint-* of --output_dir, if any, is where the same command resumes", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(INTERRUPTED) from None
     finish_distributed()
 
 
