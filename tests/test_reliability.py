@@ -178,6 +178,8 @@ REFUSED_COMMANDS = {
                                                    "--basic_lambda_das 1.0: set while --basic is off"),
     "BASIC bool flag at its default without --basic": (["--basic_pretrain", "True"],
                                                         "--basic_pretrain True: set while --basic is off"),
+    "data file not UTF-8": (["--basic", "True"], "not valid JSON ('utf-8' codec can't decode byte 0xc0"),
+    "a record with a lone surrogate": (["--basic", "True"], "1 of 16 records are unusable (bad_text 1;"),
 }
 
 
@@ -196,13 +198,24 @@ def test_refusals_are_one_line_before_anything_is_written(tiny_llava, tiny_data_
     elif case == "output_dir unwritable":
         (tmp_path / "a-file").write_text("x")
         out = tmp_path / "a-file" / "run"
+    elif case == "data file not UTF-8":
+        data = tmp_path / "latin1.json"
+        data.write_bytes(Path(tiny_data_plain[0]).read_text().replace("A ", "\u00c0 ").encode("latin-1"))
+    elif case == "a record with a lone surrogate":
+        records = json.loads(Path(tiny_data_plain[0]).read_text())
+        records[4]["conversations"][1]["value"] += "\ud83d"  # as json.load reads the escape "\\ud83d"
+        data = tmp_path / "surrogate.json"
+        data.write_text(json.dumps(records))
     res = subprocess.run(training_command(HOST, tiny_train_args(tiny_llava, data, folder, out, extra=extra)),
                          cwd=REPO_ROOT, env=training_env(), capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error: ")]
     assert res.returncode == 2, res.stderr[-3000:]
     assert len(lines) == 1 and message in lines[0], res.stderr[-3000:]
     assert "Traceback" not in res.stderr and "usage:" not in res.stderr
-    assert not out.exists()
+    if case == "a record with a lone surrogate":  # found by the pre-flight: its report is the one file
+        assert [p.name for p in out.rglob("*")] == ["preflight", "report.json"]
+    else:
+        assert not out.exists()
 
 
 def test_a_failed_write_leaves_no_temporary_file(tmp_path):
