@@ -171,8 +171,10 @@ def test_preflight_of_two_ranks_agrees_and_trains(tiny_llava, bad_data, tmp_path
                                              extra=["--basic", "True", "--skip_bad_records", "True"]),
                        output_dir=out, deepspeed_ranks=2)
     assert run["steps"] == [1]
-    assert run["output"].count("[basic-llava] data pre-flight") == 1  # rank 0 checked, rank 1 was told
+    assert run["output"].count("[basic-llava] data pre-flight") == 1  # one summary, printed by rank 0
     assert len(json.loads((out / "preflight" / "train_data.json").read_text())) == 13
+    report = json.loads((out / "preflight" / "report.json").read_text())
+    assert [r["records"] for r in report["ranks"]] == [8, 8]  # under DeepSpeed too, the ranks shared the check
 
 
 def test_preflight_command_checks_a_dataset_without_loading_a_model(tiny_llava, bad_data, tiny_data_plain, tmp_path):
