@@ -380,6 +380,9 @@ def test_resuming_with_other_basic_settings_is_refused_unless_asked(tiny_llava, 
 
     run_training(HOST, args(2, "--basic_lambda_sds", "0.5"), output_dir=out)
     saved = json.loads((out / "checkpoint-2" / "plugin_settings.json").read_text())  # plain JSON
+    # written before the checkpoint itself: a run killed while saving leaves no trainer_state.json without it
+    written = {p.name: p.stat().st_mtime_ns for p in (out / "checkpoint-2").iterdir()}
+    assert written["plugin_settings.json"] <= min(t for n, t in written.items() if n != "plugin_settings.json")
     expected = {f.name: f.default for f in dataclasses.fields(BasicArguments)}
     expected.update(basic=True, basic_lambda_sds=0.5)
     assert {k: saved[k] for k in expected} == expected

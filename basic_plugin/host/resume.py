@@ -25,9 +25,10 @@ def plugin_settings(training_args, plugin_classes) -> dict:
 
 
 def write_settings(folder: str, settings: dict) -> None:
-    """``folder/plugin_settings.json`` (a checkpoint's folder)."""
-    with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
+    """``folder/plugin_settings.json`` (a checkpoint's folder), written atomically."""
+    from basic_plugin.host.preflight import write_json
+
+    write_json(os.path.join(folder, SETTINGS_FILE), dict(sorted(settings.items())))
 
 
 def last_checkpoint(output_dir) -> Optional[str]:

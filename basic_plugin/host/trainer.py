@@ -53,8 +53,7 @@ class Streak:
 
 
 class PluginStopCallback(TrainerCallback):
-    """Ends training with a checkpoint once the trainer asks for a plugin stop; writes the plugin settings
-    next to every checkpoint (:mod:`basic_plugin.host.resume`)."""
+    """Ends training with a checkpoint once the trainer asks for a plugin stop."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -67,12 +66,6 @@ class PluginStopCallback(TrainerCallback):
         if self.trainer.plugin_stop_reason:
             control.should_save = True
             control.should_training_stop = True
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            write_settings(folder, plugin_settings(args, plugin_argument_classes()))
         return control
 
 
@@ -169,6 +162,18 @@ class PluginTrainerMixin:
                 self.plugin_stop_reason = verdict.message
                 # the Trainer saves right after logging: checkpoint and stop at this very step
                 self.control.should_save = self.control.should_training_stop = True
+
+    def _save_checkpoint(self, model, trial, metrics=None):
+        """With a plugin on, the plugin settings go next to every checkpoint (:mod:`basic_plugin.host.resume`),
+        written before the checkpoint's own files: a run killed while saving never leaves a checkpoint
+        whose ``trainer_state.json`` (what a resume reads) is there without them."""
+        if self.plugin_binding is not None and self.is_world_process_zero():
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            write_settings(folder, plugin_settings(self.args, plugin_argument_classes()))
+        return super()._save_checkpoint(model, trial, metrics)
 
     def _catch_interrupts(self):
         """With a plugin on: the first Ctrl-C ends training after the current step (every rank alike, with a
