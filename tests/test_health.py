@@ -117,10 +117,8 @@ def test_guard_stops_a_run_built_to_fail_with_a_restartable_folder(tiny_llava, t
     assert "stopped the run at step 2" in output and (out / "stopped-at-step-2" / "mm_projector.bin").is_file()
 
 
-def test_guard_warns_on_a_run_whose_image_tokens_collapse(tiny_llava, tiny_data_plain, tmp_path):
-    """A run built to collapse: the projector starts with a zero output layer (every image token
-    is its bias) and does not learn (lr 0). Monitor-only BASIC, so the share cannot fire; the
-    guard must name the collapse, with the number, and the run must go on (warn)."""
+def collapsed_projector(tiny_llava, path):
+    """A projector checkpoint with a zero output layer: every image token is its bias."""
     import json
 
     lm = json.loads((tiny_llava["lm"] / "config.json").read_text())["hidden_size"]
@@ -130,7 +128,14 @@ def test_guard_warns_on_a_run_whose_image_tokens_collapse(tiny_llava, tiny_data_
                  "model.mm_projector.0.bias": torch.zeros(lm),
                  "model.mm_projector.2.weight": torch.zeros(lm, lm),
                  "model.mm_projector.2.bias": torch.randn(lm, generator=gen)}
-    torch.save(collapsed, tmp_path / "collapsed.bin")
+    torch.save(collapsed, path)
+
+
+def test_guard_warns_on_a_run_whose_image_tokens_collapse(tiny_llava, tiny_data_plain, tmp_path):
+    """A run built to collapse: the projector starts with a zero output layer (every image token
+    is its bias) and does not learn (lr 0). Monitor-only BASIC, so the share cannot fire; the
+    guard must name the collapse, with the number, and the run must go on (warn)."""
+    collapsed_projector(tiny_llava, tmp_path / "collapsed.bin")
     out = tmp_path / "run"
     res = run_training("tests._host_train", tiny_train_args(
         tiny_llava, *tiny_data_plain, out, max_steps=4, pretrain_mm_mlp_adapter=tmp_path / "collapsed.bin",
@@ -141,3 +146,25 @@ def test_guard_warns_on_a_run_whose_image_tokens_collapse(tiny_llava, tiny_data_
     assert "BASIC guard, last 2 logging steps: image tokens collapse (mean pairwise cosine 1.000 > " \
            "--basic_guard_collapse 0.9" in res["output"]
     assert "out-weigh" not in res["output"]
+
+
+def test_guard_reads_the_image_batches_only_in_a_finetune_with_text_only_batches(tiny_llava, tmp_path):
+    """The collapse of the test above, in a finetune (LLaVA's --group_by_modality_length True) whose data is
+    mostly text-only: every logging window mixes image and text-only batches. The logged pairwise cosine and
+    the guard read the image batches only (1.000), not a mean diluted by the text-only batches' zeros."""
+    from basic_plugin.lab.tiny import write_tiny_dataset
+
+    collapsed_projector(tiny_llava, tmp_path / "collapsed.bin")
+    data = write_tiny_dataset(tmp_path / "data", n=8, template="v1", text_only=5, seed=2)
+    out = tmp_path / "run"
+    res = run_training("tests._host_train", tiny_train_args(
+        tiny_llava, *data, out, stage="finetune", max_steps=8, batch=1,
+        pretrain_mm_mlp_adapter=tmp_path / "collapsed.bin",
+        extra=["--basic", "True", "--basic_lambda_das", "0", "--basic_lambda_sds", "0", "--learning_rate", "0",
+               "--logging_steps", "4", "--basic_guard_window", "1"]), output_dir=out)
+    logged = [e for e in res["log_history"] if "loss" in e]
+    assert [e["step"] for e in logged] == [4, 8]
+    assert all(e["basic_v_pairwise_cos"] > 0.999 for e in logged)
+    assert res["output"].count("BASIC guard, last 1 logging steps: image tokens collapse (mean pairwise "
+                               "cosine 1.000 > --basic_guard_collapse 0.9") == 2
+    assert all(0 < e["plugin_image_fraction"] < 1 for e in logged)  # 3 image records in 8: each window mixed

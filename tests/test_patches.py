@@ -719,7 +719,7 @@ def test_a_plugin_that_fails_to_import_is_left_out_by_the_host(tmp_path, host_pl
     unknown-flag message names it."""
     import warnings
 
-    from basic_plugin.host.train import explain_unknown_flags
+    from basic_plugin.host.arguments import unknown_flags_message
 
     monkeypatch.syspath_prepend(str(install_broken_plugin(tmp_path / "broken-site")))
     for var in ("LLAVA_PLUGINS", "LLAVA_PLUGINS_BLOCK", "LLAVA_PLUGINS_TRACE"):
@@ -737,5 +737,5 @@ def test_a_plugin_that_fails_to_import_is_left_out_by_the_host(tmp_path, host_pl
     assert ours[0].category is host_plugins.PluginLoadWarning and "'broken'" in str(ours[0].message)
     assert pm.get_plugin("basic") is not None and pm.get_plugin("broken") is None
     assert host_plugins.failed_plugins() == ["broken"]
-    message = explain_unknown_flags(ValueError("Some specified arguments are not used: ['--broken_flag', '1']"))
+    message = unknown_flags_message("['--broken_flag', '1']")
     assert "failed to load" in message and "broken" in message

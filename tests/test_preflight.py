@@ -117,6 +117,17 @@ def test_nonfinite_lm_loss_steps_are_logged_and_stop_with_a_restartable_folder(t
     assert run["steps"][-1] == 5 and "lm_loss_nonfinite_steps" not in run["log_history"][-2]
 
 
+def test_a_run_whose_every_step_had_a_nonfinite_lm_loss_exits_non_zero(tiny_llava, tiny_data_plain, tmp_path):
+    """Fewer steps than --plugin_max_nonfinite_steps, all NaN: it used to log train_loss 0.0 and exit 0."""
+    out = tmp_path / "run"
+    code, output = run_refused(tiny_train_args(tiny_llava, *tiny_data_plain, out, model_max_length=16, max_steps=2,
+                                               extra=["--basic", "True", "--data_preflight", "off"]), out)
+    assert code == 3, output[-3000:]
+    assert "every one of the 2 training steps had a non-finite language-model loss" in output
+    assert "'train_loss': nan" in output and "'train_loss': 0.0" not in output
+    assert not (out / "mm_projector.bin").exists()
+
+
 # ---------------------------------------------------------------- the pre-flight itself
 def test_preflight_finds_each_problem_and_full_mode_decodes(tiny_llava, bad_data, tmp_path):
     from types import SimpleNamespace
@@ -160,8 +171,10 @@ def test_preflight_of_two_ranks_agrees_and_trains(tiny_llava, bad_data, tmp_path
                                              extra=["--basic", "True", "--skip_bad_records", "True"]),
                        output_dir=out, deepspeed_ranks=2)
     assert run["steps"] == [1]
-    assert run["output"].count("[basic-llava] data pre-flight") == 1  # rank 0 checked, rank 1 was told
+    assert run["output"].count("[basic-llava] data pre-flight") == 1  # one summary, printed by rank 0
     assert len(json.loads((out / "preflight" / "train_data.json").read_text())) == 13
+    report = json.loads((out / "preflight" / "report.json").read_text())
+    assert [r["records"] for r in report["ranks"]] == [8, 8]  # under DeepSpeed too, the ranks shared the check
 
 
 def test_preflight_command_checks_a_dataset_without_loading_a_model(tiny_llava, bad_data, tiny_data_plain, tmp_path):
@@ -259,3 +272,184 @@ def test_a_mismatched_record_stops_the_run_before_the_model_loads(tiny_llava, mi
     assert "1 of 16 records are unusable (no_supervised_tokens 1; first: record " in error[0]
     assert "tokenization mismatch" in error[0] and "--skip_bad_records True" in error[0]
     assert sorted(p.name for p in out.iterdir()) == ["preflight"]
+
+
+# ---------------------------------------------------------------- parity with LLaVA's own dataset
+def _turns(*pairs):
+    return [{"from": who, "value": text} for who, text in pairs]
+
+
+H, G = "human", "gpt"
+#: (template, record shape) - LLaVA's own record shapes (LCS-558K, mix665k's image and ShareGPT
+#: text-only records, multi-turn) and the ways a record can go wrong
+PARITY = {
+    "plain caption (LCS-558K)": ("plain", {"id": "0", "image": "a.png", "conversations": _turns((H, "<image>\nRender a caption."), (G, "a cat"))}),
+    "plain without id": ("plain", {"image": "a.png", "conversations": _turns((H, "Describe.\n<image>"), (G, "a cat"))}),
+    "plain roles swapped, tag first": ("plain", {"image": "a.png", "conversations": _turns((G, "<image>"), (H, "a cat"))}),
+    "plain reversed (caption first)": ("plain", {"image": "a.png", "conversations": _turns((G, "a cat"), (H, "<image>\nq"))}),
+    "plain three turns": ("plain", {"image": "a.png", "conversations": _turns((H, "<image>"), (G, "a"), (H, "b"))}),
+    "plain text-only": ("plain", {"conversations": _turns((H, "hello"), (G, "a cat"))}),
+    "plain tag in the caption": ("plain", {"image": "a.png", "conversations": _turns((H, "<image>"), (G, "a <image> cat"))}),
+    "v1 one image, multi-turn (mix665k)": ("v1", {"id": "000000033471", "image": "a.png", "conversations": _turns(
+        (H, "<image>\nWhat are the colors of the bus?"), (G, "White and red."), (H, "What feature can be seen?"),
+        (G, "A bicycle rack."))}),
+    "v1 tag after the question": ("v1", {"image": "a.png", "conversations": _turns((H, "What is it?\n<image>"), (G, "A cat."))}),
+    "v1 text-only ShareGPT": ("v1", {"id": "i6IyJda_0", "model": "", "conversations": _turns(
+        (H, "How to make a cake?"), (G, "Mix flour and eggs."), (H, "And then?"), (G, "Bake it."))}),
+    "v1 without id": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\nq"), (G, "a"))}),
+    "v1 ShareGPT starting with gpt": ("v1", {"conversations": _turns((G, "Hi!"), (H, "How are you?"), (G, "Fine."))}),
+    "v1 leading gpt turn, tag after it": ("v1", {"image": "a.png", "conversations": _turns((G, "Hi"), (H, "<image>\nq"), (G, "a"))}),
+    "v1 leading gpt turn holds the tag": ("v1", {"image": "a.png", "conversations": _turns((G, "<image>\nHi"), (H, "q"), (G, "a"))}),
+    "v1 two tags in one turn": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\n<image>\nq"), (G, "a"))}),
+    "v1 tags in two turns": ("v1", {"image": "a.png", "conversations": _turns((H, "<image>\nq"), (G, "a"), (H, "<image>\nq"), (G, "b"))}),
+    "v1 image without a tag": ("v1", {"image": "a.png", "conversations": _turns((H, "q"), (G, "a"))}),
+    "v1 tag without an image": ("v1", {"conversations": _turns((H, "<image>\nq"), (G, "a"))}),
+    "v1 unknown role": ("v1", {"conversations": _turns((H, "q"), ("system", "x"), (G, "a"))}),
+    "v1 two human turns in a row": ("v1", {"conversations": _turns((H, "q"), (H, "q2"), (G, "a"))}),
+    "v1 no conversations": ("v1", {"id": "x", "image": "a.png"}),
+    "v1 empty conversations": ("v1", {"conversations": []}),
+    "v1 value not a string": ("v1", {"conversations": [{"from": H, "value": None}, {"from": G, "value": "a"}]}),
+    "v1 two images": ("v1", {"image": ["a.png", "a.png"], "conversations": _turns((H, "<image>\n<image>\nq"), (G, "a"))}),
+    "v1 lone surrogate": ("v1", {"conversations": _turns((H, "q \ud83d"), (G, "a"))}),
+}
+
+
+def llava_verdict(tiny_llava, folder, template, record, tmp_path):
+    """What LLaVA's own LazySupervisedDataset does with the record: None when it trains on it as the record says,
+    else why not (it crashes, or the image is not the record's one image, or the tag is read as text)."""
+    from types import SimpleNamespace
+
+    import llava.conversation as conversation_lib
+    import transformers
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.train.train import LazySupervisedDataset
+
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps([record]))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llava["lm"], model_max_length=512,
+                                                           padding_side="right", use_fast=False)
+    tokenizer.pad_token = tokenizer.unk_token
+    data_args = SimpleNamespace(image_folder=str(folder), image_aspect_ratio="pad", is_multimodal=True,
+                                mm_use_im_start_end=False,
+                                image_processor=transformers.CLIPImageProcessor.from_pretrained(tiny_llava["vision"]))
+    saved = conversation_lib.default_conversation
+    conversation_lib.default_conversation = conversation_lib.conv_templates[template]
+    try:
+        dataset = LazySupervisedDataset(str(path), tokenizer, data_args)
+        dataset.modality_lengths, dataset.lengths  # what --group_by_modality_length reads
+        ids = dataset[0]["input_ids"]
+    except Exception as error:  # noqa: BLE001 - a crash is the finding
+        return f"crash: {type(error).__name__}"
+    finally:
+        conversation_lib.default_conversation = saved
+    images = int((ids == IMAGE_TOKEN_INDEX).sum())
+    if "image" in record and images != 1:
+        return f"{images} image placeholders for the record's one image"
+    if "image" not in record and images:
+        return "a blank image spliced in"
+    if "<image>" in tokenizer.decode(ids[ids >= 0]):
+        return "the tag read as text"
+    return None
+
+
+@pytest.mark.parametrize("name", list(PARITY))
+def test_preflight_accepts_what_llava_trains_on_and_refuses_the_rest(tiny_llava, tmp_path, name):
+    import random
+
+    from basic_plugin.host.preflight import training_template
+    from basic_plugin.host.records import normalised_folder, record_problem, turn_style
+    from basic_plugin.lab.tiny import _random_png
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _random_png(folder / "a.png", random.Random(0))
+    template, record = PARITY[name]
+    if "id" not in name:
+        record = {"id": name, **record}  # records carry an id, except where its absence is the point
+    llava = llava_verdict(tiny_llava, folder, template, record, tmp_path)
+    ours = record_problem(record, normalised_folder(folder), style=turn_style(training_template(template)))
+    assert (ours is None) == (llava is None), (name, llava, ours)
+
+
+# ---------------------------------------------------------------- several ranks
+def _rank_preflight(rank, world, port, paths, delay, results):
+    """One rank of a gloo group whose collectives time out after 3 s; decoding an image takes ``delay`` s."""
+    import datetime
+    import time
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from basic_plugin.host import preflight as pf
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=3))
+    getattr(pf, "ROUND", {})["images"] = 4  # a round of 4 decodes: one all-reduce every 4 * delay s
+    real = pf._decode
+    pf._decode = lambda path: (time.sleep(delay), real(path))[1]
+    model_args = SimpleNamespace(model_name_or_path=paths["lm"], vision_tower=paths["vision"], version="plain",
+                                 mm_use_im_start_end=False, mm_vision_select_feature="patch")
+    data_args = SimpleNamespace(data_path=paths["data"], image_folder=paths["folder"], is_multimodal=False)
+    training_args = SimpleNamespace(model_max_length=512, output_dir=paths["out"], dataloader_num_workers=0,
+                                    data_preflight="full", skip_bad_records=True)
+    try:
+        outcome = pf.run_preflight(model_args, data_args, training_args, plugin_active=True)
+        result = {"bad": outcome["bad"], "ranks": outcome["report"].get("ranks")}
+    except Exception as error:  # noqa: BLE001 - a timeout is the finding
+        result = {"error": f"{type(error).__name__}: {error}"}
+    Path(results, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_full_preflight_and_never_wait_out_a_timeout(tiny_llava, bad_data, tmp_path):
+    """`full` on 2 ranks: each decodes its half of the images, in rounds with an all-reduce after each, so
+    a rank never waits for the other longer than one round; here a round (4 decodes x 0.4 s) stays under the
+    group's 3 s timeout that one rank checking all 12 images (about 5 s) alone would overrun."""
+    import torch.multiprocessing as mp
+
+    from basic_plugin.lab.launch import free_port
+
+    paths = {"lm": str(tiny_llava["lm"]), "vision": str(tiny_llava["vision"]), "data": str(bad_data["json"]),
+             "folder": str(bad_data["folder"]), "out": str(tmp_path / "run")}
+    results = tmp_path / "results"
+    results.mkdir()
+    mp.spawn(_rank_preflight, args=(2, free_port(), paths, 0.4, str(results)), nprocs=2, join=True)
+    ranks = [json.loads((results / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all("error" not in r for r in ranks), ranks
+    assert ranks[0]["bad"] == ranks[1]["bad"] == sorted(bad_data["bad_full"])
+    shares = ranks[0]["ranks"]
+    assert [s["records"] for s in shares] == [8, 8]
+    assert all(s["images_decoded"] > 0 for s in shares) and sum(s["images_decoded"] for s in shares) == 13
+    kept = json.loads((tmp_path / "run" / "preflight" / "train_data.json").read_text())
+    assert len(kept) == 12
+
+
+# ---------------------------------------------------------------- a corrupt image that `fast` let through
+@pytest.fixture
+def corrupt_image_data(tmp_path):
+    json_path, folder = write_tiny_dataset(tmp_path / "data", n=8, template="plain", seed=0)
+    records = json.loads(json_path.read_text())
+    png = folder / records[2]["image"]
+    png.write_bytes(png.read_bytes()[:80])  # present (fast passes it), undecodable
+    return json_path, folder, records[2], png
+
+
+def test_a_corrupt_image_at_load_time_is_one_line_naming_the_record(tiny_llava, corrupt_image_data, tmp_path):
+    json_path, folder, record, png = corrupt_image_data
+    out = tmp_path / "run"
+    code, output = run_refused(tiny_train_args(tiny_llava, json_path, folder, out, max_steps=4,
+                                               extra=["--basic", "True"]), out)
+    assert code == 2, output[-3000:]
+    assert "Traceback" not in output
+    error = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and f"record 2 (id {record['id']!r}): image {png} does not decode" in error[0]
+
+
+def test_a_corrupt_image_at_load_time_is_skipped_and_counted(tiny_llava, corrupt_image_data, tmp_path):
+    json_path, folder, record, png = corrupt_image_data
+    out = tmp_path / "run"
+    run = run_training(HOST, tiny_train_args(tiny_llava, json_path, folder, out, max_steps=4,
+                                             extra=["--basic", "True", "--skip_bad_records", "True"]), output_dir=out)
+    assert run["steps"] == [1, 2, 3, 4]  # one epoch: every record reached
+    assert run["output"].count(f"image {png} does not decode") == 1 and "skipped (--skip_bad_records True)" in run["output"]
+    assert run["log_history"][-2]["data_skipped_records"] == 1

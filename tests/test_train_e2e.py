@@ -22,8 +22,10 @@ def logged(run, key):
 
 
 def assert_loss_is_sum_of_terms(run, terms):
+    """The Trainer's loss is the mean over every batch; the plugin terms are means over the batches that
+    had image rows (``plugin_image_fraction`` of them), and add nothing elsewhere."""
     for entry in (e for e in run["log_history"] if "loss" in e):
-        total = entry["lm_loss"] + sum(entry[t] for t in terms)
+        total = entry["lm_loss"] + entry.get("plugin_image_fraction", 1.0) * sum(entry.get(t, 0.0) for t in terms)
         assert entry["loss"] == pytest.approx(total, abs=2e-4), entry  # Trainer rounds loss to 4 places
 
 
@@ -100,6 +102,43 @@ def test_target_variants_two_ranks_train_with_the_same_channels(tiny_llava, zero
     assert_loss_is_sum_of_terms(run, ["basic_das", "basic_sds"])
 
 
+def test_basic_values_are_means_over_the_image_batches_of_two_ranks(tiny_llava, tmp_path):
+    """LLaVA's finetune default --group_by_modality_length True makes whole text-only steps (and, with odd
+    counts, one step with an image on one rank only): every logged BASIC value, terms and health, is the mean
+    over the (step, rank) batches that had image rows, as recorded on each rank; text-only batches add nothing."""
+    from basic_plugin.lab.tiny import write_tiny_dataset
+
+    data = write_tiny_dataset(tmp_path / "data", n=12, template="v1", text_only=5, seed=1)
+    out, values = tmp_path / "run", tmp_path / "values"
+    values.mkdir()
+    run = run_training("tests._rank_values_train",
+                       args_for(tiny_llava, data, out, stage="finetune", max_steps=6, batch=1,
+                                deepspeed_config="zero2",
+                                extra=["--basic", "True", "--logging_steps", "2", "--basic_guard", "off"]),
+                       output_dir=out, deepspeed_ranks=2, env={"VALUES_DIR": str(values)})
+    ranks = [[json.loads(line) for line in (values / f"values-rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert [len(r) for r in ranks] == [6, 6]
+    entries = [e for e in run["log_history"] if "loss" in e]
+    assert [e["step"] for e in entries] == [2, 4, 6]
+    mixed, fractions = 0, []
+    for window, entry in enumerate(entries):
+        batches = [r[step] for r in ranks for step in (2 * window, 2 * window + 1)]
+        with_images = [b for b in batches if b["rows"] > 0]
+        mixed += 0 < len(with_images) < len(batches)
+        for key in ("basic_das", "basic_sds", "basic_cos", "basic_v_pairwise_cos", "basic_share",
+                    "basic_weighted_cos", "basic_image_samples"):
+            if not with_images:
+                assert key not in entry, (window, key)  # no image anywhere: nothing to report
+                continue
+            expected = sum(b[key] for b in with_images) / len(with_images)
+            assert entry[key] == pytest.approx(expected, rel=1e-4, abs=1e-6), (window, key)
+        fractions.append(len(with_images) / len(batches))
+    assert mixed >= 1  # some window held text-only batches next to image ones
+    assert [e["plugin_image_fraction"] for e in entries] == pytest.approx(fractions)
+    assert_loss_is_sum_of_terms(run, ["basic_das", "basic_sds"])
+
+
 def test_basic_lora_finetune_zero2(tiny_llava, tiny_data_v1, tmp_path):
     out = tmp_path / "run"
     # --mm_projector_lr as in LLaVA's finetune_lora.sh: an empty parameter group that vanilla LLaVA
@@ -158,7 +197,7 @@ def test_off_means_llavas_own_forward(tiny_llava, monkeypatch):
 
 
 @pytest.mark.parametrize("flags,vanilla", [([], True), (["--basic", "True"], False)])
-def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tmp_path, flags, vanilla):
+def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tiny_data_plain, tmp_path, flags, vanilla):
     import subprocess
     import sys
 
@@ -171,7 +210,7 @@ def test_saved_training_args_load_without_basic_llava_when_off(tiny_llava, tmp_p
     try:
         parser = transformers.HfArgumentParser(
             (llava_train.ModelArguments, llava_train.DataArguments, llava_train.TrainingArguments))
-        args = tiny_train_args(tiny_llava, "d.json", "i", tmp_path / "o", extra=["--data_preflight", "off", *flags])
+        args = tiny_train_args(tiny_llava, *tiny_data_plain, tmp_path / "o", extra=["--data_preflight", "off", *flags])
         training_args = parser.parse_args_into_dataclasses(args)[2]
         torch.save(training_args, tmp_path / "training_args.bin")  # as the Trainer saves it: host applied
     finally:

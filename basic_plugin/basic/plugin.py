@@ -2,6 +2,10 @@
 their validation, and its objective for a run (:class:`basic_plugin.basic.objective.BasicObjective`)."""
 from __future__ import annotations
 
+import os
+import sys
+from dataclasses import fields
+
 from basic_plugin.api import hookimpl
 from basic_plugin.basic.arguments import BasicArguments, validate_basic_arguments
 from basic_plugin.basic.channels import describe, find_massive_channels
@@ -20,11 +24,34 @@ def llava_plugin_arguments():
     return [BasicArguments]
 
 
+#: the flags that say whether BASIC is on, and in which stage (the others only shape what it does)
+SWITCHES = ("basic", "basic_pretrain", "basic_finetune")
+
+
+def off_in_this_stage(model_args, training_args) -> str | None:
+    """With ``--basic True``: the line saying BASIC is off in this run's stage while some of its other
+    flags were changed from their defaults (they would do nothing), or None."""
+    pretraining = bool(getattr(model_args, "tune_mm_mlp_adapter", False))
+    stage_flag = "basic_pretrain" if pretraining else "basic_finetune"
+    if getattr(training_args, stage_flag):
+        return None
+    changed = [f"--{f.name} {getattr(training_args, f.name)}" for f in fields(BasicArguments)
+               if f.name not in SWITCHES and getattr(training_args, f.name) != f.default]
+    if not changed:
+        return None
+    stage = "projector pretraining (--tune_mm_mlp_adapter True)" if pretraining else "instruction tuning"
+    return (f"[basic] --{stage_flag} False: BASIC is off in {stage}, so {', '.join(changed)} "
+            f"{'has' if len(changed) == 1 else 'have'} no effect in this run")
+
+
 @hookimpl
 def llava_validate_arguments(model_args, data_args, training_args):
     validate_basic_arguments(training_args)
     if not training_args.basic:
         return
+    note = off_in_this_stage(model_args, training_args) if model_args is not None else None
+    if note and int(os.environ.get("RANK", "0")) == 0:
+        print(note, file=sys.stderr, flush=True)
     merge = getattr(model_args, "mm_patch_merge_type", "flat")
     if merge != "flat":
         raise ValueError(f"--basic supports --mm_patch_merge_type flat (LLaVA-1.5); got {merge!r} "

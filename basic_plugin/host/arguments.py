@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import sys
 import typing
@@ -27,6 +28,7 @@ from typing import Callable
 from basic_plugin.host.pitfalls import check_llava_pitfalls
 from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.refusal import Refusal, refuse
+from basic_plugin.host.resume import check_resume
 
 CLASS_NAME = "PluginTrainingArguments"
 #: --data_preflight's values (basic_plugin.host.preflight.resolve_mode says what auto becomes)
@@ -57,6 +59,9 @@ class HostArguments:
     skip_bad_records: bool = dataclasses.field(default=False, metadata={
         "help": "When the pre-flight finds unusable records, train on the others (listed in "
                 "<output_dir>/preflight/report.json) instead of stopping."})
+    allow_changed_plugin_settings: bool = dataclasses.field(default=False, metadata={
+        "help": "Resume a checkpoint of --output_dir even when its plugin settings (plugin_settings.json next to "
+                "it) differ from this run's (refused otherwise, naming both)."})
 
 
 def plugin_argument_classes() -> list[type]:
@@ -79,6 +84,58 @@ def _copy_field(f: dataclasses.Field) -> dataclasses.Field:
     else:
         kwargs["default_factory"] = f.default_factory
     return dataclasses.field(**kwargs)
+
+
+def readable_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as a data file (a folder, missing, unreadable), or None."""
+    if os.path.isdir(path):
+        return "is a folder"
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as error:
+        return f"cannot be read ({type(error).__name__}: {error.strerror or error})"
+    return None
+
+
+def writable_folder_problem(path: str) -> str | None:
+    """Why ``path`` cannot be (created and) written as an output folder, or None.
+
+    Tried for real in the nearest folder that exists (a file created and removed at once), so a
+    read-only mount or a missing permission is found for every user, root included; nothing is left.
+    """
+    import tempfile
+
+    target = os.path.abspath(path)
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".basic-llava-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        return f"cannot be written ({type(error).__name__} in {existing}: {error.strerror or error})"
+    return None
+
+
+def path_checks(data_args, training_args) -> None:
+    """The data file is readable and the output folder writable (LLaVA finds out after loading the model,
+    or at its first save); checked after the flags, before anything is written."""
+    data_path = getattr(data_args, "data_path", None) if data_args is not None else None
+    if data_path:
+        problem = readable_file_problem(str(data_path))
+        if problem:
+            raise Refusal(f"--data_path {data_path} {problem}; allowed: a readable JSON file of LLaVA records")
+    if training_args.output_dir:
+        problem = writable_folder_problem(str(training_args.output_dir))
+        if problem:
+            raise Refusal(f"--output_dir {training_args.output_dir}: {problem}; allowed: a folder this user can "
+                          "create and write")
 
 
 def host_checks(model_args, data_args, training_args) -> None:
@@ -130,13 +187,76 @@ def check_plugin_values(training_args, plugin_classes: list[type]) -> None:
         switch = switch_of(cls)
         if switch is None or getattr(training_args, switch):
             continue
-        given = [f.name for f in dataclasses.fields(cls) if f.name != switch
-                 and f.default is not dataclasses.MISSING and getattr(training_args, f.name) != f.default]
+        given = {f.name: getattr(training_args, f.name) for f in dataclasses.fields(cls) if f.name != switch
+                 and f.default is not dataclasses.MISSING and getattr(training_args, f.name) != f.default}
         if given:
-            flags = ", ".join(f"--{n} {getattr(training_args, n)}" for n in given)
-            raise Refusal(f"{flags}: set while --{switch} is off, so the run would ignore "
-                          f"{'it' if len(given) == 1 else 'them'}; allowed: add --{switch} True, or drop "
-                          f"{'the flag' if len(given) == 1 else 'these flags'}")
+            raise set_while_off(switch, given)
+
+
+def set_while_off(switch: str, given: dict) -> Refusal:
+    """The refusal of a plugin's flags ``given`` (name -> value) while its ``switch`` is off."""
+    flags = ", ".join(f"--{name} {value}" for name, value in given.items())
+    return Refusal(f"{flags}: set while --{switch} is off, so the run would ignore "
+                   f"{'it' if len(given) == 1 else 'them'}; allowed: add --{switch} True, or drop "
+                   f"{'the flag' if len(given) == 1 else 'these flags'}")
+
+
+def unknown_flags_message(flags) -> str:
+    """LLaVA's parser only says flags were unused; say which plugin would have taken them."""
+    from basic_plugin.host.plugins import (ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names,
+                                           failed_plugins)
+
+    blocked = sorted(blocked_names() & set(available_entry_points()))
+    failed = failed_plugins()
+    hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
+            "while they are blocked." if blocked else "")
+    if failed:
+        hint += f" Plugins that failed to load (see the warning above): {', '.join(failed)}."
+    if not hint:
+        hint = " No installed plugin defines them (see `basic-llava doctor`)."
+    return f"unknown training flags: {flags}.{hint}"
+
+
+def given_flags(argv: list, classes) -> dict:
+    """The flags ``argv`` gives (field name -> parsed value), read by the parser LLaVA's ``train()`` builds
+    from ``classes`` (abbreviations, ``--flag=value`` and ``--no_flag`` included), and nothing else.
+
+    What that parser would refuse is a :class:`Refusal` here, one line: an invalid choice or value, a
+    missing required flag (argparse would print its whole usage), and an unknown flag (LLaVA's parser
+    says so only after every argument class, the data pre-flight included, has run).
+    """
+    import argparse
+
+    import transformers
+
+    class Parser(transformers.HfArgumentParser):
+        def error(self, message):
+            raise Refusal(message)
+
+    parser = Parser(classes)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    namespace, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        raise Refusal(unknown_flags_message(unknown))
+    return vars(namespace)
+
+
+def check_command_line(argv: list, classes, plugin_classes: list[type] | None = None) -> dict:
+    """Refuse a command line before anything runs: what :func:`given_flags` refuses, and a plugin's
+    flags given while its switch is off, whatever their value (the default too). Returns the given flags."""
+    given = given_flags(argv, classes)
+    if plugin_classes is None:
+        load_plugins()
+        plugin_classes = plugin_argument_classes()
+    for cls in plugin_classes:
+        switch = switch_of(cls)
+        if switch is None or given.get(switch, getattr(cls, switch, False)):
+            continue
+        named = {f.name: given[f.name] for f in dataclasses.fields(cls) if f.name != switch and f.name in given}
+        if named:
+            raise set_while_off(switch, named)
+    return given
 
 
 def picklable_base(base: type) -> type:
@@ -186,6 +306,9 @@ def build_training_arguments(base: type, plugin_classes: list[type] | None = Non
             host_checks(model_args, data_args, self)
             check_plugin_values(self, plugin_classes)
             pm.hook.llava_validate_arguments(model_args=model_args, data_args=data_args, training_args=self)
+            if preflight is not None:  # a run, not a class rebuilt to unpickle one
+                path_checks(data_args, self)
+                check_resume(self, plugin_classes, active=bool(active_plugin_classes(self, plugin_classes)))
         except ValueError as error:  # a plugin's or the host's own refusal: a message, not a traceback
             refuse(error, exit_now=exit_on_refusal)
         if preflight is not None:

@@ -57,9 +57,10 @@ class Objective(Protocol):
 
         Called inside the model's forward (ZeRO-3 gathers what the plugin's module calls
         use), after the language model ran once. ``losses`` are added to the loss and
-        logged; ``metrics`` are only logged. Both are averaged over the steps since the
-        last logging step and over ranks. Every rank must build the same graph: on a batch
-        without images return zero-valued terms and make the same module calls.
+        logged; ``metrics`` are only logged. Both are logged as the mean over the batches
+        (steps x ranks) since the last logging step that had image rows and kept their terms;
+        a text-only batch adds nothing to them. Every rank must build the same graph: on a
+        batch without images return zero-valued terms and make the same module calls.
         """
         raise NotImplementedError
 

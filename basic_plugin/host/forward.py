@@ -109,8 +109,10 @@ class PluginForwardMixin:
         # one host read per step of the plugin path: a NaN term must stay out of the graph.
         checks = [torch.isfinite(v.detach()).all() for v in terms.values()] or [torch.ones((), dtype=torch.bool)]
         flags = torch.stack([torch.stack([c.to(lm_loss.device) for c in checks]).all(),
-                             torch.isfinite(lm_loss.detach()).all()])
-        terms_finite, lm_finite = all_ranks_agree(flags, lm_loss.device)
+                             torch.isfinite(lm_loss.detach()).all(),
+                             torch.tensor(not binding.interrupt_requested, device=lm_loss.device)])
+        terms_finite, lm_finite, uninterrupted = all_ranks_agree(flags, lm_loss.device)
+        binding.interrupt_agreed = binding.interrupt_agreed or not uninterrupted  # Ctrl-C on any rank
         skipped = None if terms_finite and rows_ok else ("nonfinite" if not terms_finite else "image_rows")
         total = lm_loss
         if terms_finite:  # otherwise train on the LM loss alone this step, on every rank alike
@@ -119,7 +121,11 @@ class PluginForwardMixin:
         logged = {"lm_loss": lm_loss.detach(),
                   **{k: (v.detach() if terms_finite else torch.zeros_like(v.detach())) for k, v in terms.items()}}
         binding.last_step = StepRecord(terms=logged, skipped=skipped, lm_finite=lm_finite)
-        binding.accumulator.add({**logged, **metrics})
+        # the plugins' values count only for a batch with image rows whose terms were kept (a text-only
+        # batch's zeros would dilute them); lm_loss counts for every batch
+        plugin_values = {k: v for k, v in logged.items() if k != "lm_loss"}
+        binding.accumulator.add({"lm_loss": logged["lm_loss"]}, {**plugin_values, **metrics},
+                                counted=positions.num_rows > 0 and skipped is None)
         return total
 
 

@@ -3,7 +3,8 @@
 ``apply_plugin_host()`` rebinds, in ``llava.train.train`` (where ``train()`` looks
 them up at call time), the three argument classes (plugin flags and early
 validation), the model classes
-(plugin losses inside forward) and ``LLaVATrainer`` (hooks and logging); and in
+(plugin losses inside forward), ``LLaVATrainer`` (hooks and logging) and
+``make_supervised_data_module`` (a record whose image fails to load named or skipped); and in
 ``llava.model.llava_arch``, ``build_vision_tower`` (plugin vision towers).
 ``remove_plugin_host()`` puts every original back.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 from basic_plugin.host.arguments import ParseRecord, build_training_arguments, recording
+from basic_plugin.host.dataset import hosted_data_module
 from basic_plugin.host.forward import with_plugin_forward
 from basic_plugin.host.plugins import load_plugins, pm
 from basic_plugin.host.preflight import run_preflight
@@ -109,6 +111,7 @@ def apply_plugin_host() -> None:
     for name, cls in host_classes(current).items():
         _swap("llava.train.train", name, cls)
     _swap("llava.model.llava_arch", "build_vision_tower", plugin_vision_tower_builder(arch.build_vision_tower))
+    _swap("llava.train.train", "make_supervised_data_module", hosted_data_module(llava_train.make_supervised_data_module))
 
 
 def remove_plugin_host() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import io
 import json
 import math
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
-from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem
+from basic_plugin.host.records import PROBLEM_KINDS, normalised_folder, record_label, record_problem, turn_style
 from basic_plugin.host.refusal import Refusal
 
 #: records whose token counts the ``fast`` mode checks (evenly spaced over the file)
@@ -64,26 +65,41 @@ class PreflightReport:
     seconds: float = 0.0
     ids: dict = field(default_factory=dict)  # index -> record id, for the unusable records
     earliest: Optional[tuple] = None  # (index, message) of the unusable record nearest the top
+    images: int = 0  # records with an image
+    shares: list = field(default_factory=list)  # what each rank checked (several ranks)
+    items: list = field(default_factory=list)  # every finding, (index, kind, message, fatal, id), for merging
 
     def add(self, kind: str, index: int, record, detail: str, *, fatal: bool = True) -> None:
+        record_id = record.get("id") if isinstance(record, dict) else None
+        self.add_item((index, kind, f"{record_label(record, index)}: {detail}", fatal, record_id))
+
+    def add_item(self, item: tuple) -> None:
+        index, kind, message, fatal, record_id = item
+        self.items.append(item)
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if fatal:
             self.bad.add(index)
-            self.ids[index] = record.get("id") if isinstance(record, dict) else None
+            self.ids[index] = record_id
             if self.earliest is None or index < self.earliest[0]:
-                self.earliest = (index, f"{record_label(record, index)}: {detail}")
+                self.earliest = (index, message)
         examples = self.first.setdefault(kind, [])
         if len(examples) < FIRST_N:
-            examples.append(f"{record_label(record, index)}: {detail}")
+            examples.append(message)
 
     def as_dict(self) -> dict:
-        return {"mode": self.mode, "data_path": self.data_path, "image_folder": self.image_folder,
-                "records": self.records, "unusable_records": len(self.bad), "counts": self.counts,
-                "first": self.first, "tokens": self.tokens, "seconds": round(self.seconds, 3)}
+        result = {"mode": self.mode, "data_path": self.data_path, "image_folder": self.image_folder,
+                  "records": self.records, "records_with_image": self.images, "unusable_records": len(self.bad),
+                  "counts": self.counts, "first": self.first, "tokens": self.tokens,
+                  "seconds": round(self.seconds, 3)}
+        if self.shares:
+            result["ranks"] = self.shares
+        return result
 
     def summary(self) -> str:
         head = (f"data pre-flight ({self.mode}) of {self.data_path}: {self.records} records, "
                 f"{len(self.bad)} unusable")
+        if len(self.shares) > 1:
+            head += f" (checked by {len(self.shares)} ranks, {self.seconds:.1f} s)"
         lines = [head]
         for kind in ALL_KINDS:
             if kind in self.counts:
@@ -92,6 +108,73 @@ class PreflightReport:
         if self.tokens:
             lines.append(f"  token check: {self.tokens.get('note', '')}".rstrip())
         return "\n".join(lines)
+
+
+#: items of one stage each rank checks between two of its all-reduces (:class:`Share`): record rules,
+#: image decodes (``full``), records through LLaVA's preprocess
+ROUND = {"records": 20000, "images": 256, "tokens": 256}
+
+
+class Share:
+    """This process's part of the pre-flight, and the collectives that keep the ranks together.
+
+    On several ranks the records are dealt out by index (rank r checks records r, r + W, ...) and
+    each stage runs in rounds (:data:`ROUND`): after every round each rank takes part in one tiny
+    all-reduce, so no rank ever waits for another longer than one round of its work, however big
+    the file (a rank waiting in one collective for the whole check would hit the process group's
+    timeout). At the end every rank gathers every rank's findings and reaches the same decision.
+    """
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def of_process(cls) -> "Share":
+        """The ranks of the initialised process group, or this process alone."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    def mine(self, count: int) -> range:
+        return range(self.rank, count, self.world)
+
+    def _device(self):
+        import torch
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def most(self, value: int) -> int:
+        """The largest ``value`` over the ranks."""
+        if self.world == 1:
+            return value
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor([value], dtype=torch.int64, device=self._device())
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
+    def rounds(self, items: list, stage: str):
+        """``items`` in rounds of ``ROUND[stage]``; every rank goes through the same number of rounds."""
+        size = ROUND[stage]
+        for start in range(0, self.most(len(items)), size):
+            yield items[start:start + size]
+            self.most(0)  # the rounds' all-reduce: every rank is still at work
+
+    def gather(self, value) -> list:
+        """``value`` of every rank, in rank order."""
+        if self.world == 1:
+            return [value]
+        import torch.distributed as dist
+
+        gathered = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
 
 
 #: files smaller than this are checked without a progress bar
@@ -106,10 +189,35 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="rec", mininterval=1.0, leave=False)
 
 
-def load_data(data_path: str) -> list:
-    """The records of a LLaVA JSON file, or :class:`PreflightFailed` naming the file."""
+def _in_rounds(items: list, share: Share, stage: str, desc: str, progress: bool):
+    """Each item of ``items``, in :meth:`Share.rounds`, with a progress bar on rank 0."""
+    bar = _progress(None, len(items) * share.world, desc, progress and share.rank == 0) if progress else None
+    for chunk in share.rounds(items, stage):
+        yield from chunk
+        if bar is not None:
+            bar.update(len(chunk) * share.world)
+    if bar is not None:
+        bar.close()
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cycle collector off for the block: reading 665K records makes millions of objects, and a
+    collection every few thousand of them (none of which can be freed) took half the time of ``json.load``."""
+    enabled = gc.isenabled()
+    gc.disable()
     try:
-        with open(data_path, encoding="utf-8") as f:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def load_data(data_path: str) -> list:
+    """The records of a LLaVA JSON file (read as LLaVA reads it, with ``json.load``), or
+    :class:`PreflightFailed` naming the file."""
+    try:
+        with open(data_path, encoding="utf-8") as f, gc_paused():
             records = json.load(f)
     except FileNotFoundError:
         raise PreflightFailed(f"--data_path {data_path}: no such file") from None
@@ -121,12 +229,24 @@ def load_data(data_path: str) -> list:
     return records
 
 
-def check_records(records: list, image_folder: Optional[str], report: PreflightReport, *,
-                  progress: bool = False) -> None:
-    """The record rules, for every record (``fast`` and ``full``)."""
+def training_template(version: Optional[str]):
+    """The conversation template LLaVA's ``train()`` trains with for ``--version`` (``v0`` and ``v0.5``
+    keep the module's default, Vicuna v1; an unknown name falls back to it too)."""
+    import llava.conversation as conversation_lib
+
+    templates = conversation_lib.conv_templates
+    return templates["vicuna_v1"] if version in (None, "v0", "v0.5") else templates.get(version, templates["vicuna_v1"])
+
+
+def check_records(records: list, image_folder: Optional[str], report: PreflightReport, *, style: str = "chat",
+                  share: Share = None, progress: bool = False) -> None:
+    """The record rules, for every record of this rank's share (``fast`` and ``full``), as LLaVA's
+    template ``style`` reads them."""
+    share = share or Share()
     folder = normalised_folder(image_folder)
-    for index, record in enumerate(_progress(records, len(records), "pre-flight: records", progress)):
-        problem = record_problem(record, folder)
+    for index in _in_rounds(list(share.mine(len(records))), share, "records", "pre-flight: records", progress):
+        record = records[index]
+        problem = record_problem(record, folder, style=style)
         if problem is not None:
             report.add(problem[0], index, record, problem[1])
 
@@ -144,23 +264,35 @@ def _decode(path: str) -> Optional[str]:
 
 
 def decode_images(records: list, image_folder: str, report: PreflightReport, *, workers: int,
-                  progress: bool = False) -> None:
-    """``full`` mode: decode every image of the records not already found bad, in ``workers`` processes."""
+                  share: Share = None, progress: bool = False) -> int:
+    """``full`` mode: decode every image of this rank's records not already found bad, in ``workers``
+    processes; returns how many were decoded."""
+    share = share or Share()
     folder = normalised_folder(image_folder)
-    todo = [(i, os.path.join(folder, r["image"])) for i, r in enumerate(records)
-            if i not in report.bad and isinstance(r, dict) and "image" in r]
-    paths = [p for _, p in todo]
-    if workers > 1 and len(paths) > 64:
+    todo = [(i, os.path.join(folder, records[i]["image"])) for i in share.mine(len(records))
+            if i not in report.bad and isinstance(records[i], dict) and "image" in records[i]]
+    pool = None
+    if workers > 1 and len(todo) > 64:
         import multiprocessing
 
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            results = pool.imap(_decode, paths, chunksize=64)
-            results = list(_progress(results, len(paths), "pre-flight: images", progress))
-    else:
-        results = [_decode(p) for p in _progress(paths, len(paths), "pre-flight: images", progress)]
-    for (index, path), error in zip(todo, results):
-        if error is not None:
-            report.add("undecodable", index, records[index], f"image {path} does not decode ({error})")
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    bar = _progress(None, len(todo) * share.world, "pre-flight: images", progress and share.rank == 0)
+    try:
+        for chunk in share.rounds(todo, "images"):
+            paths = [path for _, path in chunk]
+            results = pool.map(_decode, paths, chunksize=16) if pool is not None else [_decode(p) for p in paths]
+            for (index, path), error in zip(chunk, results):
+                if error is not None:
+                    report.add("undecodable", index, records[index], f"image {path} does not decode ({error})")
+            if bar is not None:
+                bar.update(len(chunk) * share.world)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    return len(todo)
 
 
 # ---------------------------------------------------------------- token counts
@@ -254,8 +386,8 @@ def untruncated_first(record, tokenizer, mm_args, llava_train) -> Optional[int]:
 
 
 def check_tokens(records: list, model_args, data_args, training_args, report: PreflightReport, *,
-                 sample: Optional[int], progress: bool = False) -> None:
-    """Run LLaVA's ``preprocess`` on (a sample of) the good records, as its dataset will.
+                 sample: Optional[int], share: Share = None, progress: bool = False) -> None:
+    """Run LLaVA's ``preprocess`` on (a sample of) the good records of this rank's share, as its dataset will.
 
     A record whose labels LLaVA's preprocess masks entirely is ``no_supervised_tokens``
     (unusable): a tokenization mismatch between the ``--version`` template and the tokenizer
@@ -265,7 +397,10 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
     ``--model_max_length`` (once the image is spliced in; a text-only record's turns cut by
     the tokenizer) are counted as ``fully_truncated`` (not dropped: LLaVA trains on them as
     a no-op); if every checked record is, the run is refused with the length that fixes it.
+    (:func:`token_summary`, once every rank's counts are in). ``sample``: records in all, evenly
+    spaced over each rank's good records.
     """
+    share = share or Share()
     image_tokens = image_token_count(model_args)
     if image_tokens is None:
         report.tokens = {"checked": 0, "note": "skipped (the vision tower's config could not be read)"}
@@ -273,13 +408,14 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
     import llava.conversation as conversation_lib
     import llava.train.train as llava_train
 
-    good = [i for i in range(len(records)) if i not in report.bad]
-    if sample is not None and len(good) > sample:
-        step = len(good) / sample
-        good = [good[int(k * step)] for k in range(sample)]
+    good = [i for i in share.mine(len(records)) if i not in report.bad]
+    quota = None if sample is None else -(-sample // share.world)
+    if quota is not None and len(good) > quota:
+        step = len(good) / quota
+        good = [good[int(k * step)] for k in range(quota)]
     tokenizer = load_tokenizer(model_args, training_args)
     version = getattr(model_args, "version", "v1")
-    template = conversation_lib.conv_templates.get(version, conversation_lib.conv_templates["vicuna_v1"])
+    template = training_template(version)
     mm_args = copy.copy(data_args)
     mm_args.is_multimodal = True
     mm_args.mm_use_im_start_end = getattr(model_args, "mm_use_im_start_end", False)
@@ -289,7 +425,7 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
     separator = template.sep2 or template.sep
     lengths, needed, truncated, mismatched = [], [], 0, 0
     try:
-        for index in _progress(good, len(good), "pre-flight: tokens", progress):
+        for index in _in_rounds(good, share, "tokens", "pre-flight: tokens", progress):
             record = records[index]
             has_image = "image" in record
             try:
@@ -320,7 +456,19 @@ def check_tokens(records: list, model_args, data_args, training_args, report: Pr
                            f"(--model_max_length >= {first + 1} keeps it)", fatal=False)
     finally:
         conversation_lib.default_conversation = saved
-    lengths.sort()
+    report.tokens = {"lengths": lengths, "needed": needed, "fully_truncated": truncated, "mismatched": mismatched,
+                     "version": version, "image_tokens": image_tokens, "model_max_length": limit}
+
+
+def token_summary(report: PreflightReport) -> None:
+    """The token counts of :func:`check_tokens` (every rank's, merged) as reported; raises
+    :class:`PreflightFailed` when every checked record loses all of its supervised tokens."""
+    if "lengths" not in report.tokens:
+        return
+    stats = report.tokens
+    lengths, needed, truncated = sorted(stats["lengths"]), stats["needed"], stats["fully_truncated"]
+    limit, image_tokens = stats["model_max_length"], stats["image_tokens"]
+    mismatched, version = stats["mismatched"], stats["version"]
     report.tokens = {
         "checked": len(lengths), "image_tokens": image_tokens, "model_max_length": limit,
         "fully_truncated": truncated, "no_supervised_tokens": report.counts.get("no_supervised_tokens", 0),
@@ -352,8 +500,14 @@ def resolve_mode(requested: str, plugin_active: bool) -> str:
     return requested
 
 
-def preflight(model_args, data_args, training_args, mode: str, *, progress: bool = True) -> PreflightReport:
-    """Check ``--data_path`` in ``mode`` (``fast``/``full``); raise :class:`PreflightFailed` on fatal findings."""
+def preflight(model_args, data_args, training_args, mode: str, *, progress: bool = True,
+              share: Share = None) -> PreflightReport:
+    """Check ``--data_path`` in ``mode`` (``fast``/``full``); raise :class:`PreflightFailed` on fatal findings.
+
+    ``share``: this rank's part (:class:`Share`; default: this process checks everything). Every rank
+    returns (or raises) the same, from every rank's findings.
+    """
+    share = share or Share()
     start = time.monotonic()
     data_path = data_args.data_path
     folder = getattr(data_args, "image_folder", None)
@@ -362,16 +516,25 @@ def preflight(model_args, data_args, training_args, mode: str, *, progress: bool
     report.records = len(records)
     if not records:
         raise PreflightFailed(f"--data_path {data_path}: the file holds no records")
-    if folder is None and any(isinstance(r, dict) and "image" in r for r in records):
+    report.images = sum(1 for r in records if isinstance(r, dict) and "image" in r)
+    if folder is None and report.images:
         raise PreflightFailed(f"--image_folder: not given, but records of {data_path} have images; "
                               "allowed: the folder the 'image' paths are relative to")
-    check_records(records, folder, report, progress=progress)
-    if mode == "full" and folder is not None:
-        workers = max(1, int(getattr(training_args, "dataloader_num_workers", 0) or 0), min(8, os.cpu_count() or 1))
-        decode_images(records, folder, report, workers=workers, progress=progress)
-    try:
-        check_tokens(records, model_args, data_args, training_args, report,
+    with gc_paused():
+        check_records(records, folder, report, share=share, progress=progress,
+                      style=turn_style(training_template(getattr(model_args, "version", "v1"))))
+        decoded = 0
+        if mode == "full" and folder is not None:
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # ranks sharing this machine's cores
+            workers = max(1, int(getattr(training_args, "dataloader_num_workers", 0) or 0),
+                          min(8, (os.cpu_count() or 1) // max(1, local)))
+            decoded = decode_images(records, folder, report, workers=workers, share=share, progress=progress)
+        check_tokens(records, model_args, data_args, training_args, report, share=share,
                      sample=FAST_TOKEN_SAMPLE if mode == "fast" else None, progress=progress)
+    if share.world > 1:
+        report = merged(report, share.gather(_part(report, share, decoded, time.monotonic() - start)))
+    try:
+        token_summary(report)
     except PreflightFailed as error:
         error.report = report  # still written: the lengths are what fixes it
         raise
@@ -380,27 +543,59 @@ def preflight(model_args, data_args, training_args, mode: str, *, progress: bool
     return report
 
 
+def _part(report: PreflightReport, share: Share, decoded: int, seconds: float) -> dict:
+    """What one rank found, for :func:`merged`."""
+    return {"items": report.items, "tokens": report.tokens,
+            "share": {"rank": share.rank, "records": len(share.mine(report.records)), "images_decoded": decoded,
+                      "tokens_checked": len(report.tokens.get("lengths", ())), "seconds": round(seconds, 3)}}
+
+
+def merged(mine: PreflightReport, parts: list) -> PreflightReport:
+    """One report from every rank's part, the same on every rank (findings in record order)."""
+    report = PreflightReport(mode=mine.mode, data_path=mine.data_path, image_folder=mine.image_folder,
+                             records=mine.records, images=mine.images)
+    for item in sorted((tuple(item) for part in parts for item in part["items"]), key=lambda it: (it[0], it[1])):
+        report.add_item(item)
+    tokens = [part["tokens"] for part in parts if "lengths" in part["tokens"]]
+    if tokens:
+        report.tokens = {**tokens[0], "lengths": [n for t in tokens for n in t["lengths"]],
+                         "needed": [n for t in tokens for n in t["needed"]],
+                         "fully_truncated": sum(t["fully_truncated"] for t in tokens),
+                         "mismatched": sum(t["mismatched"] for t in tokens)}
+    else:
+        report.tokens = parts[0]["tokens"]
+    report.shares = [part["share"] for part in parts]
+    return report
+
+
 def write_json(path: str, payload) -> None:
-    """Write atomically (ranks on a shared disk may write the same file)."""
+    """Write atomically (ranks on a shared disk may write the same file); a failed write leaves nothing.
+
+    Non-ASCII characters are written as ``\\u`` escapes, so any string ``json.load`` gave (a lone
+    surrogate too) is written back as it was read."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, ensure_ascii=False, indent=1 if isinstance(payload, dict) else None)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(payload, f, indent=1 if isinstance(payload, dict) else None)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def _outcome(model_args, data_args, training_args, mode: str, progress: bool) -> dict:
-    """The pre-flight's decision as plain data (broadcast from rank 0 when distributed)."""
+def _outcome(model_args, data_args, training_args, mode: str, progress: bool, share: Share = None) -> dict:
+    """The pre-flight's decision as plain data (the same on every rank)."""
     report_path = os.path.join(training_args.output_dir, REPORT_DIR, "report.json")
     try:
-        report = preflight(model_args, data_args, training_args, mode, progress=progress)
+        report = preflight(model_args, data_args, training_args, mode, progress=progress, share=share)
     except PreflightFailed as error:
         partial = getattr(error, "report", None)
         return {"error": f"{error}" + (f"; report: {report_path}" if partial else ""), "bad": [],
                 "report": partial.as_dict() if partial else None, "report_path": report_path,
                 "summary": partial.summary() if partial else str(error)}
     result = {"error": None, "bad": sorted(report.bad), "report": report.as_dict(),
-              "summary": report.summary(), "report_path": report_path}
+              "summary": report.summary(), "report_path": report_path, "images": report.images}
     good = report.records - len(report.bad)
     if report.bad and getattr(training_args, "skip_bad_records", False):
         result["report"]["dropped"] = [{"index": i, "id": report.ids[i]} for i in sorted(report.bad)]
@@ -416,32 +611,32 @@ def _outcome(model_args, data_args, training_args, mode: str, progress: bool) ->
 
 
 def run_preflight(model_args, data_args, training_args, *, plugin_active: bool) -> Optional[dict]:
-    """The pre-flight as ``train()`` runs it: once (rank 0), the same decision on every rank.
+    """The pre-flight as ``train()`` runs it: shared by the ranks (:class:`Share`), the same decision on each.
 
     Writes the report; with ``--skip_bad_records True`` points ``data_args.data_path`` at
-    the good records. Raises :class:`PreflightFailed` when the run should not start.
+    the good records. Raises :class:`PreflightFailed` when the run should not start. With a
+    plugin on and no record with an image, says so (the plugins' terms would never apply).
     """
     mode = resolve_mode(getattr(training_args, "data_preflight", "auto"), plugin_active)
     if mode == "off" or model_args is None or data_args is None or not getattr(data_args, "data_path", None):
         return None
+    import sys
+
     import torch.distributed as dist
 
-    rank = int(os.environ.get("RANK", "0"))
-    distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if distributed:
-        holder = [_outcome(model_args, data_args, training_args, mode, progress=True) if dist.get_rank() == 0
-                  else None]
-        dist.broadcast_object_list(holder, src=0)
-        outcome, rank = holder[0], dist.get_rank()
-    else:
-        outcome = _outcome(model_args, data_args, training_args, mode, progress=rank == 0)
+    share = Share.of_process()
+    distributed = share.world > 1
+    rank = share.rank if distributed else int(os.environ.get("RANK", "0"))
+    outcome = _outcome(model_args, data_args, training_args, mode, progress=rank == 0, share=share)
     if rank == 0 and outcome["report"] is not None:
-        import sys
-
         print(f"[basic-llava] {outcome['summary']}", file=sys.stderr, flush=True)
         write_json(outcome["report_path"], outcome["report"])
     if outcome["error"]:
         raise PreflightFailed(outcome["error"])
+    if plugin_active and not outcome["images"] and rank == 0:
+        print(f"[basic-llava] no record of --data_path {data_args.data_path} has an image: a plugin's terms on "
+              "image rows will apply at no step, and the run trains like the baseline", file=sys.stderr,
+              flush=True)
     if outcome["bad"]:
         bad = set(outcome["bad"])
         good_path = os.path.join(training_args.output_dir, REPORT_DIR,
@@ -450,8 +645,6 @@ def run_preflight(model_args, data_args, training_args, *, plugin_active: bool) 
             write_json(good_path, [r for i, r in enumerate(load_data(data_args.data_path)) if i not in bad])
         if distributed:
             dist.barrier()
-        import sys
-
         if rank == 0:
             print(f"[basic-llava] --skip_bad_records: training on {outcome['report']['records'] - len(bad)} of "
                   f"{outcome['report']['records']} records ({len(bad)} dropped, listed in {outcome['report_path']}); "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 
+from basic_plugin.host.arguments import check_command_line
 from basic_plugin.host.preflight import REPORT_DIR
 from basic_plugin.host.refusal import Refusal, print_refusal
 from basic_plugin.host.usage import training_parser
@@ -20,7 +21,9 @@ def main(argv=None) -> int:
     if "--data_preflight" not in argv:
         argv += ["--data_preflight", "full"]
     parser = training_parser("preflight", __doc__)
+    classes = tuple(parser.dataclass_types)
     try:
+        check_command_line(argv, classes)
         _, data_args, training_args = parser.parse_args_into_dataclasses(argv)
     except Refusal as error:
         return print_refusal(error)

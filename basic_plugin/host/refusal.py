@@ -13,7 +13,8 @@ line ``error: <message>`` on stderr with exit status 2, never a traceback.
   for the entry point around ``train()``, or ended at once where no entry point of ours runs
   around it (a patched LLaVA's own ``train_mem.py``).
 
-:class:`RunStopped` is not a refusal: a guard ended a run that had started (exit status 3).
+:class:`RunStopped` is not a refusal: a guard ended a run that had started (exit status 3);
+:class:`RunInterrupted` is one ended by Ctrl-C (exit status 130).
 """
 from __future__ import annotations
 
@@ -33,6 +34,10 @@ class Refusal(ValueError):
 
 class RunStopped(RuntimeError):
     """A guard of the host ended training on purpose; the message says why and what was saved."""
+
+
+class RunInterrupted(RunStopped):
+    """Ctrl-C ended training at the end of a step; the message says where the checkpoint is (exit status 130)."""
 
 
 def print_refusal(error) -> int:

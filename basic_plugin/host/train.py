@@ -7,30 +7,17 @@ from __future__ import annotations
 
 import sys
 
-from basic_plugin.host.refusal import Refusal, RunStopped, refusals_exit
+from basic_plugin.host.refusal import Refusal, RunInterrupted, RunStopped, refusals_exit
 
 UNUSED_ARGS = "Some specified arguments are not used by the HfArgumentParser"
-
-
-def explain_unknown_flags(error: ValueError) -> str:
-    """LLaVA's parser only says flags were unused; say which plugin would have taken them."""
-    from basic_plugin.host.plugins import (ALLOW_ENV, BLOCK_ENV, available_entry_points, blocked_names,
-                                           failed_plugins)
-
-    blocked = sorted(blocked_names() & set(available_entry_points()))
-    failed = failed_plugins()
-    hint = (f" Blocked plugins (by {BLOCK_ENV} / {ALLOW_ENV}): {', '.join(blocked)}; their flags are unknown "
-            "while they are blocked." if blocked else "")
-    if failed:
-        hint += f" Plugins that failed to load (see the warning above): {', '.join(failed)}."
-    if not hint:
-        hint = " No installed plugin defines them (see `basic-llava doctor`)."
-    return f"unknown training flags: {error}.{hint}"
+#: the exit status of a run ended by Ctrl-C (128 + SIGINT, as a shell reports it)
+INTERRUPTED = 130
 
 
 def main(attn_implementation: str | None = None) -> None:
     """Check the stack, install the host, run LLaVA's ``train()``; a refusal ends the process as
-    one ``error:`` line with status 2, a guard's stop with status 3."""
+    one ``error:`` line with status 2, a guard's stop with status 3, Ctrl-C with one line and status 130."""
+    from basic_plugin.host.arguments import check_command_line, unknown_flags_message
     from basic_plugin.host.compat import allow_checkpoint_rng_states
     from basic_plugin.host.cpu import apply_cpu_workarounds, finish_distributed
     from basic_plugin.host.integration import apply_plugin_host
@@ -43,15 +30,22 @@ def main(attn_implementation: str | None = None) -> None:
         apply_plugin_host()
         import llava.train.train as llava_train
 
+        check_command_line(sys.argv[1:], (llava_train.ModelArguments, llava_train.DataArguments,
+                                          llava_train.TrainingArguments))
         try:
             llava_train.train(attn_implementation=attn_implementation)
-        except ValueError as error:
+        except ValueError as error:  # an arguments file (LLaVA's parser reads one) can still hold them
             if UNUSED_ARGS in str(error):
-                raise Refusal(explain_unknown_flags(error)) from None
+                raise Refusal(unknown_flags_message(str(error).split(": ", 1)[-1])) from None
             raise
         except RunStopped as stop:
             print(f"basic-llava: {stop}", file=sys.stderr, flush=True)
-            raise SystemExit(3) from None
+            raise SystemExit(INTERRUPTED if isinstance(stop, RunInterrupted) else 3) from None
+        except KeyboardInterrupt:
+            print("basic-llava: interrupted (Ctrl-C) before a checkpoint could be written; the last saved "
+                  "checkpoint-* of --output_dir, if any, is where the same command resumes", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(INTERRUPTED) from None
     finish_distributed()
 
 

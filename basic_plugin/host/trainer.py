@@ -18,11 +18,14 @@ from dataclasses import dataclass
 
 from transformers import TrainerCallback
 
+from basic_plugin.host.arguments import plugin_argument_classes
 from basic_plugin.host.binding import StepRecord, bind
+from basic_plugin.host.dataset import SKIPPED_KEY
 from basic_plugin.host.forward import PluginForwardMixin
 from basic_plugin.host.plugins import pm
 from basic_plugin.host.progress import progress_callback
-from basic_plugin.host.refusal import RunStopped
+from basic_plugin.host.refusal import RunInterrupted, RunStopped
+from basic_plugin.host.resume import plugin_settings, write_settings
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,10 @@ class PluginStopCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
+        binding = self.trainer.plugin_binding
+        if binding.interrupt_agreed and not self.trainer.plugin_stop_reason:  # the same step on every rank
+            self.trainer.plugin_stop_reason = "interrupted (Ctrl-C)"
+            self.trainer.interrupted = True
         if self.trainer.plugin_stop_reason:
             control.should_save = True
             control.should_training_stop = True
@@ -101,6 +108,9 @@ class PluginTrainerMixin:
 
     def __init__(self, model=None, tokenizer=None, args=None, **kwargs):
         dataset = kwargs.get("train_dataset")
+        if hasattr(dataset, "skip_bad_records"):  # the host's dataset: skip a record that fails to load, or name it
+            dataset.skip_bad_records = bool(getattr(args, "skip_bad_records", False))
+        self.data_skipped = 0  # records skipped at load time (--skip_bad_records), on this rank
         llava_model = llava_model_of(model) if model is not None else None
         objectives = [o for o in pm.hook.llava_objective(
             model=llava_model if llava_model is not None else model, tokenizer=tokenizer, training_args=args,
@@ -113,7 +123,9 @@ class PluginTrainerMixin:
         self.lm_nonfinite = Streak()  # steps whose language-model loss was NaN/inf
         self.plugin_skipped = Streak()  # steps whose plugin terms were left out
         self.window_steps = 0  # training steps since the last logging step
+        self.steps_counted = 0  # training steps (micro-batches) in all
         self.plugin_stop_reason = None
+        self.interrupted = False
         if self.plugin_binding is not None:
             self.add_callback(PluginStopCallback(self))
         progress = progress_callback()  # only when the launcher asked (BASIC_LLAVA_PROGRESS)
@@ -132,6 +144,7 @@ class PluginTrainerMixin:
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, *args, **kwargs):
+        self.data_skipped += int(inputs.pop(SKIPPED_KEY, 0) or 0)  # the collator's count, not for the model
         if self.plugin_binding is not None:  # a batch the plugin path does not take leaves no stale record
             self.plugin_binding.last_step = StepRecord()
         result = super().compute_loss(model, inputs, return_outputs, *args, **kwargs)
@@ -152,6 +165,7 @@ class PluginTrainerMixin:
     def _count_lm_loss(self, finite: bool) -> None:
         """A step whose LM loss is NaN/inf learns nothing: count it, log it, stop after too many in a row."""
         self.window_steps += 1
+        self.steps_counted += 1
         self.lm_nonfinite.add(not finite)
         if finite:
             return
@@ -183,9 +197,53 @@ class PluginTrainerMixin:
                 # the Trainer saves right after logging: checkpoint and stop at this very step
                 self.control.should_save = self.control.should_training_stop = True
 
+    def _save_checkpoint(self, model, trial, metrics=None):
+        """With a plugin on, the plugin settings go next to every checkpoint (:mod:`basic_plugin.host.resume`),
+        written before the checkpoint's own files: a run killed while saving never leaves a checkpoint
+        whose ``trainer_state.json`` (what a resume reads) is there without them."""
+        if self.plugin_binding is not None and self.is_world_process_zero():
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            write_settings(folder, plugin_settings(self.args, plugin_argument_classes()))
+        return super()._save_checkpoint(model, trial, metrics)
+
+    def _catch_interrupts(self):
+        """With a plugin on: the first Ctrl-C ends training after the current step (every rank alike, with a
+        checkpoint), a second one at once. Returns the function that puts the previous handler back."""
+        import signal
+        import sys
+        import threading
+
+        if self.plugin_binding is None or threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        binding = self.plugin_binding
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if binding.interrupt_requested:
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            binding.interrupt_requested = True
+            print("[basic-llava] Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again: at once, "
+                  "without one)", file=sys.stderr, flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        return lambda: signal.signal(signal.SIGINT, previous)
+
+    def _nothing_learnt(self) -> bool:
+        """Every training step had a non-finite language-model loss."""
+        return self.plugin_binding is not None and self.steps_counted > 0 \
+            and self.lm_nonfinite.total == self.steps_counted
+
     def train(self, *args, **kwargs):
-        with lora_resume_under_deepspeed(self):
-            result = super().train(*args, **kwargs)
+        restore = self._catch_interrupts()
+        try:
+            with lora_resume_under_deepspeed(self):
+                result = super().train(*args, **kwargs)
+        finally:
+            restore()
         if self.plugin_stop_reason:
             step = self.state.global_step
             saved = os.path.join(self.args.output_dir, f"checkpoint-{step}")
@@ -203,11 +261,33 @@ class PluginTrainerMixin:
                 saved = kept
                 restart = ("the same command starts afresh in this folder; its mm_projector.bin can seed "
                            "--pretrain_mm_mlp_adapter")
-            raise RunStopped(f"stopped the run at step {step}: {self.plugin_stop_reason}. "
-                             f"Checkpoint saved in {saved} ({restart}).")
+            stopped = RunInterrupted if self.interrupted else RunStopped
+            raise stopped(f"stopped the run at step {step}: {self.plugin_stop_reason}. "
+                          f"Checkpoint saved in {saved} ({restart}).")
+        if self._nothing_learnt():
+            raise RunStopped(f"every one of the {self.steps_counted} training steps had a non-finite language-model "
+                             "loss, so the run learnt nothing (no model saved); `--data_preflight full` finds records "
+                             "that truncation leaves with no supervised token")
         return result
 
+    def _skipped_records(self) -> int:
+        """Records skipped at load time so far, over every rank (one all-reduce, on every rank alike)."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return self.data_skipped
+        count = torch.tensor([self.data_skipped], dtype=torch.int64, device=self.args.device)
+        dist.all_reduce(count)
+        return int(count.item())
+
     def log(self, logs, *args, **kwargs):
+        if "loss" in logs and getattr(self.args, "skip_bad_records", False):
+            skipped = self._skipped_records()
+            if skipped:
+                logs["data_skipped_records"] = skipped
+        if "train_loss" in logs and self._nothing_learnt():
+            logs["train_loss"] = float("nan")  # not the 0.0 of the Trainer's NaN filter
         if "loss" in logs and self.plugin_binding is not None:
             if self.window_steps and self.lm_nonfinite.in_window == self.window_steps:
                 logs["loss"] = float("nan")  # not the 0.0 the Trainer's NaN filter would log
