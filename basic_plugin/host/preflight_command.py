@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     if "--data_preflight" not in argv:
         argv += ["--data_preflight", "full"]
     parser = training_parser("preflight", __doc__)
+    if "-h" in argv or "--help" in argv:  # the command's own help, not the command-line check's parser
+        parser.print_help()
+        return 0
     classes = tuple(parser.dataclass_types)
     try:
         check_command_line(argv, classes)
