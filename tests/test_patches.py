@@ -307,9 +307,11 @@ def test_native_host_replaces_what_the_runtime_integration_swaps():
         swapped = {attr for module, attr in integration._originals if module == "llava.train.train"}
         import llava.train.train as llava_train
 
-        originals = {name: integration._originals[("llava.train.train", name)] for name in swapped}
+        classes = swapped & set(native.HOSTED_CLASSES)
+        assert swapped - classes == {"make_supervised_data_module"}  # a function: native.install_data_module
+        originals = {name: integration._originals[("llava.train.train", name)] for name in classes}
         replaced = native.host_classes(originals)
-        assert set(replaced) == swapped == set(native.HOSTED_CLASSES) & set(vars(llava_train))
+        assert set(replaced) == classes == set(native.HOSTED_CLASSES) & set(vars(llava_train))
         for name, cls in replaced.items():
             assert issubclass(cls, originals[name]) and cls is not originals[name], name
     finally:
@@ -317,6 +319,29 @@ def test_native_host_replaces_what_the_runtime_integration_swaps():
             integration.remove_plugin_host()
     patch_names = re.search(r"TRAIN_CLASSES = \(([^)]*)\)", CODE_PATCH.read_text()).group(1)
     assert set(native.HOSTED_CLASSES) <= set(re.findall(r'"(\w+)"', patch_names))
+
+
+def test_native_host_installs_the_data_module_only_with_the_host():
+    """On a patched LLaVA the host's data module (a corrupt image named or skipped at load time) comes with the
+    host's classes, and not at all when no host or plugin flag is given (off means off)."""
+    from basic_plugin.host import integration, native
+
+    applied_before = integration.plugin_host_applied()
+    if applied_before:
+        integration.remove_plugin_host()
+    import llava.train.train as llava_train
+
+    original = llava_train.make_supervised_data_module
+    classes = {name: getattr(llava_train, name) for name in native.HOSTED_CLASSES if hasattr(llava_train, name)}
+    try:
+        assert native.native_train_classes(dict(classes), argv=["--output_dir", "x"]) == {}
+        assert llava_train.make_supervised_data_module is original
+        assert native.native_train_classes(dict(classes), argv=["--data_preflight", "off"])
+        assert llava_train.make_supervised_data_module._llava_plugin_original is original
+    finally:
+        llava_train.make_supervised_data_module = original
+        if applied_before:
+            integration.apply_plugin_host()
 
 
 def test_llava_side_specs_equal_the_hosts(patched_site):

@@ -461,18 +461,22 @@ def test_zero3_adapter_load_into_a_llava_checkpoint_is_refused(tiny_llava, tiny_
     assert "size mismatch for" not in res.stdout + res.stderr and "Traceback" not in res.stderr and not out.exists()
 
 
-def test_lora_with_a_frozen_projector_from_the_base_llm_is_refused(host_parser, tiny_llava, tmp_path):
+def test_lora_with_a_frozen_projector_from_the_base_llm_is_refused(host_parser, tiny_llava, tiny_data_v1, tmp_path):
     """LLaVA issues #784, #1373: the projector of such a LoRA run is saved nowhere; refused while parsing."""
     from basic_plugin.host.refusal import Refusal
 
     out = tmp_path / "out"
+
+    def parse_finetune(*extra):
+        return host_parser.parse_args_into_dataclasses(tiny_train_args(
+            tiny_llava, *tiny_data_v1, out, stage="finetune", extra=["--basic", "True", *extra]))
+
     with pytest.raises(Refusal, match=r"--freeze_mm_mlp_adapter True with --lora_enable True on the base LLM .*"
                                       r"non_lora_trainables\.bin.*allowed: drop --freeze_mm_mlp_adapter"):
-        parse(host_parser, tiny_llava, out, "--lora_enable", "True", "--freeze_mm_mlp_adapter", "True",
-              stage="finetune")
+        parse_finetune("--lora_enable", "True", "--freeze_mm_mlp_adapter", "True")
     assert not out.exists()
     # LLaVA's finetune_lora.sh (the projector trains): accepted
-    parse(host_parser, tiny_llava, out, "--lora_enable", "True", "--data_preflight", "off", stage="finetune")
+    parse_finetune("--lora_enable", "True", "--data_preflight", "off")
 
 
 # ---------------------------------------------------------------- 5. compatibility with vanilla LLaVA

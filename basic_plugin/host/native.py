@@ -130,7 +130,20 @@ def native_train_classes(classes: Dict[str, type], argv: Sequence[str] | None = 
             require_supported_versions()
         apply_cpu_workarounds()
         allow_checkpoint_rng_states()
+    install_data_module()
     return host_classes(classes, exit_on_refusal=True)
+
+
+def install_data_module() -> None:
+    """The runtime seam the patch's class hook cannot carry (a function, not a class): ``train()`` looks
+    ``make_supervised_data_module`` up in its module when it runs, so the host's (a record whose image
+    fails to load named or skipped, :mod:`basic_plugin.host.dataset`) is put there once, with the host."""
+    import llava.train.train as llava_train
+
+    from basic_plugin.host.dataset import hosted_data_module
+
+    if not hasattr(llava_train.make_supervised_data_module, "_llava_plugin_original"):
+        llava_train.make_supervised_data_module = hosted_data_module(llava_train.make_supervised_data_module)
 
 
 @hookimpl
