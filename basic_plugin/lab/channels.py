@@ -358,7 +358,7 @@ def plot(report: dict, path: Path) -> None:
     width = 0.8 / len(sets)
     for i, (name, cands) in enumerate(sets.items()):
         b.bar([j + i * width for j in range(len(keys))], [100 * cands[k]["per_token"] if k in cands else 0 for k in keys],
-              width, label=name[:40])
+              width, label="/".join(name.rstrip("/").split("/")[-2:]))  # a run folder: its last two parts
     b.axhline(100 * next(iter(t["candidates"].values()))["uniform"], color="0.5", ls=":", lw=1, label="even spread")
     b.set_xticks([j + width * (len(sets) - 1) / 2 for j in range(len(keys))], [NAMES[k].split(" (")[0] for k in keys],
                   rotation=15, ha="right", fontsize=8)
