@@ -4,7 +4,7 @@ tokens collapse or BASIC's terms out-weigh the language-model loss.
 Thresholds (flags; docs/RESULTS.md, "The guard's thresholds", says where they come from):
 - collapse: the mean pairwise cosine of the projector's image tokens (``basic_v_pairwise_cos``)
   above ``--basic_guard_collapse`` (0.9; in the 200-step grid's runs the largest 5-step mean was
-  0.74, a baseline run's);
+  0.80, a dropped-channel run's, the baselines' up to 0.74);
 - dominance: BASIC's share of the loss (``basic_share``) above ``--basic_guard_share`` (0.75: the
   terms weigh three times the caption loss). At the paper's weights the share passes 0.5 late in
   every run of the grid (largest 5-step means 0.51-0.59) while those runs beat the baseline on
