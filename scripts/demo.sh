@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo (README quick start): a real mini-LLaVA (DINOv2-small + SmolLM2-135M) trained
 # with and without BASIC on Fashion-MNIST captions, evaluated, and reported under runs/demo/.
-#   bash scripts/demo.sh                 # default run (200 steps per arm), about 30-35 minutes on 2 shared cores
+#   bash scripts/demo.sh                 # default run (200 steps per arm): 28 min measured on 2 shared cores
 #   bash scripts/demo.sh --steps 300     # any `basic-llava demo` option (see --help)
 # Works from a fresh clone: sets up .venv, installs Debian's dataset-fashion-mnist when it is
 # missing (apt-get, as root or through sudo), downloads/converts the pretrained parts once.
