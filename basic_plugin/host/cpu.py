@@ -86,7 +86,7 @@ def finish_distributed() -> None:
     an active exception" (return code -6) after everything was saved.
 
     Destroying the group did not remove the abort entirely (a ZeRO-3 2-rank test still saw it
-    once in about 20 runs), so a rank started by a launcher on the gloo backend then leaves
+    once in three full suite runs), so a rank started by a launcher on the gloo backend then leaves
     without the interpreter's teardown, where the abort happens: streams flushed, logging shut
     down, ``os._exit(0)``. Only when this process was launched as a rank (``LOCAL_RANK`` set),
     so an in-process caller is never ended.
